@@ -1,0 +1,121 @@
+//! The key/value cache of one sequence for the layers of one shard. Keys and values are written
+//! in place into buffers that grow geometrically, so a decode step copies only the new position.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+const MIN_CAPACITY: usize = 64;
+
+/// One layer's keys and values, `[1, kv_heads, capacity, head_dim]` each.
+#[derive(Debug, Clone, Default)]
+struct LayerCache {
+    kv: Option<(Tensor, Tensor)>,
+}
+
+/// The cache of one sequence for a shard's layers.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    len: usize,
+    capacity: usize,
+    max_len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `layers` layers holding at most `max_len` positions.
+    pub fn new(layers: usize, max_len: usize) -> Self {
+        KvCache {
+            layers: vec![LayerCache::default(); layers],
+            len: 0,
+            capacity: 0,
+            max_len,
+        }
+    }
+
+    /// Number of positions already processed.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no position has been processed.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The most positions this cache accepts (the model's context length).
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Forgets every position from `len` on, so a sequence can be continued from a shared prefix.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Bytes of memory held by the cache buffers.
+    pub fn size_in_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .filter_map(|l| l.kv.as_ref())
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// Checks that `n` more positions fit.
+    pub(crate) fn check_room(&self, n: usize) -> Result<()> {
+        if self.len + n > self.max_len {
+            return Err(Error::Invalid(format!(
+                "context length exceeded: {} positions already cached + {n} new > {} allowed",
+                self.len, self.max_len
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes the keys and values of `t` new positions of layer `layer` (each
+    /// `[1, kv_heads, t, head_dim]`) and returns views of all cached positions including them.
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (_, kv_heads, t, head_dim) = k.dims4()?;
+        let needed = self.len + t;
+        let entry = &mut self.layers[layer];
+        let cap = entry.kv.as_ref().map_or(0, |(k, _)| k.dim(2).unwrap_or(0));
+        if needed > cap {
+            let new_cap = needed
+                .max(cap * 2)
+                .max(MIN_CAPACITY)
+                .min(self.max_len.max(needed));
+            let grow = |old: Option<&Tensor>| -> Result<Tensor> {
+                let fresh =
+                    Tensor::zeros((1, kv_heads, new_cap, head_dim), DType::F32, &Device::Cpu)?;
+                if let Some(old) = old
+                    && self.len > 0
+                {
+                    fresh.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                }
+                Ok(fresh)
+            };
+            let nk = grow(entry.kv.as_ref().map(|(k, _)| k))?;
+            let nv = grow(entry.kv.as_ref().map(|(_, v)| v))?;
+            entry.kv = Some((nk, nv));
+            self.capacity = self.capacity.max(new_cap);
+        }
+        let (ck, cv) = entry
+            .kv
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("cache not allocated".into()))?;
+        ck.slice_set(&k.contiguous()?, 2, self.len)?;
+        cv.slice_set(&v.contiguous()?, 2, self.len)?;
+        Ok((ck.narrow(2, 0, needed)?, cv.narrow(2, 0, needed)?))
+    }
+
+    /// Marks `t` positions as processed by every layer.
+    pub(crate) fn advance(&mut self, t: usize) {
+        self.len += t;
+    }
+}

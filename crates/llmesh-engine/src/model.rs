@@ -1,0 +1,609 @@
+//! One implementation of the decoder-only transformer family (Llama, Mistral, Qwen2, Qwen3) that
+//! runs any contiguous range of layers: a [`Shard`]. The first shard embeds tokens, the last
+//! applies the final norm and output head; the ones between pass activations.
+
+use std::sync::Arc;
+
+use candle_core::quantized::QMatMul;
+use candle_core::{D, DType, Device, Module, Tensor};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+use crate::weights::{LayerWeight, Weight, WeightName, WeightSource};
+
+/// A half-open range of layer indices `[start, end)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LayerRange {
+    /// First layer.
+    pub start: usize,
+    /// One past the last layer.
+    pub end: usize,
+}
+
+impl LayerRange {
+    /// A range, checked against a model of `layers` layers.
+    pub fn new(start: usize, end: usize, layers: usize) -> Result<Self> {
+        if start >= end || end > layers {
+            return Err(Error::LayerRange { start, end, layers });
+        }
+        Ok(LayerRange { start, end })
+    }
+
+    /// All layers of a model.
+    pub fn full(layers: usize) -> Self {
+        LayerRange {
+            start: 0,
+            end: layers,
+        }
+    }
+
+    /// Number of layers.
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Whether the range is empty (never true for a checked range).
+    pub fn is_empty(&self) -> bool {
+        self.end <= self.start
+    }
+}
+
+impl std::fmt::Display for LayerRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}..{}", self.start, self.end)
+    }
+}
+
+/// What a shard consumes.
+#[derive(Debug)]
+pub enum ShardInput<'a> {
+    /// Token ids (for the first shard).
+    Tokens(&'a [u32]),
+    /// Hidden states `[1, t, hidden]` from the previous shard.
+    Hidden(Tensor),
+}
+
+/// Which positions' logits the last shard computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Only the last position (generation).
+    Last,
+    /// Every position (prompt log-probabilities, tests).
+    All,
+}
+
+/// What a shard produces.
+#[derive(Debug)]
+pub enum ShardOutput {
+    /// Hidden states `[1, t, hidden]` for the next shard.
+    Hidden(Tensor),
+    /// Logits `[positions, vocab]`, f32.
+    Logits(Tensor),
+}
+
+impl ShardOutput {
+    /// The logits, or an error if this shard is not the last.
+    pub fn into_logits(self) -> Result<Tensor> {
+        match self {
+            ShardOutput::Logits(l) => Ok(l),
+            ShardOutput::Hidden(_) => Err(Error::Invalid(
+                "this shard does not hold the output head".into(),
+            )),
+        }
+    }
+
+    /// The hidden states, or an error if this shard is the last.
+    pub fn into_hidden(self) -> Result<Tensor> {
+        match self {
+            ShardOutput::Hidden(h) => Ok(h),
+            ShardOutput::Logits(_) => Err(Error::Invalid(
+                "this shard produced logits, not hidden states".into(),
+            )),
+        }
+    }
+}
+
+/// A linear layer `y = x Wᵀ + b` over a dense or quantized weight.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: QMatMul,
+    bias: Option<Tensor>,
+    bytes: usize,
+}
+
+impl Linear {
+    fn new(weight: Weight, bias: Option<Tensor>) -> Self {
+        let bytes = weight.size_in_bytes() + bias.as_ref().map_or(0, |b| b.elem_count() * 4);
+        let weight = match weight {
+            Weight::Dense(t) => QMatMul::Tensor(t),
+            Weight::Quantized(q) => QMatMul::QTensor(q),
+        };
+        Linear {
+            weight,
+            bias,
+            bytes,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.weight.forward(x)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn load(src: &dyn WeightSource, name: WeightName, len: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: src.vector(name, len)?,
+            eps: eps as f32,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Embedding {
+    Dense(Tensor),
+    Quantized(Arc<candle_core::quantized::QTensor>),
+}
+
+impl Embedding {
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Embedding::Dense(t) => t.index_select(ids, 0)?,
+            Embedding::Quantized(q) => q.embedding(ids)?,
+        })
+    }
+
+    fn size_in_bytes(&self) -> usize {
+        match self {
+            Embedding::Dense(t) => t.elem_count() * 4,
+            Embedding::Quantized(q) => q.storage_size_in_bytes(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Attention {
+    fn load(src: &dyn WeightSource, i: usize, cfg: &ModelConfig) -> Result<Self> {
+        let name = |w| WeightName::Layer(i, w);
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let (q_out, kv_out) = (cfg.num_heads * d, cfg.num_kv_heads * d);
+        let bias = |w, len| -> Result<Option<Tensor>> {
+            if cfg.qkv_bias {
+                Ok(Some(src.vector(name(w), len)?))
+            } else {
+                Ok(None)
+            }
+        };
+        let norm = |w| -> Result<Option<RmsNorm>> {
+            if cfg.arch.has_qk_norm() {
+                Ok(Some(RmsNorm::load(src, name(w), d, cfg.rms_norm_eps)?))
+            } else {
+                Ok(None)
+            }
+        };
+        Ok(Attention {
+            q: Linear::new(
+                src.matrix(name(LayerWeight::Q), q_out, h)?,
+                bias(LayerWeight::QBias, q_out)?,
+            ),
+            k: Linear::new(
+                src.matrix(name(LayerWeight::K), kv_out, h)?,
+                bias(LayerWeight::KBias, kv_out)?,
+            ),
+            v: Linear::new(
+                src.matrix(name(LayerWeight::V), kv_out, h)?,
+                bias(LayerWeight::VBias, kv_out)?,
+            ),
+            o: Linear::new(src.matrix(name(LayerWeight::O), h, q_out)?, None),
+            q_norm: norm(LayerWeight::QNorm)?,
+            k_norm: norm(LayerWeight::KNorm)?,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: d,
+        })
+    }
+
+    fn size_in_bytes(&self) -> usize {
+        let norms = self.q_norm.as_ref().map_or(0, |_| 2 * self.head_dim * 4);
+        self.q.bytes + self.k.bytes + self.v.bytes + self.o.bytes + norms
+    }
+
+    /// Projects `x` to `[1, heads, t, head_dim]`, normalising each head if the model does.
+    fn heads(
+        &self,
+        x: &Tensor,
+        proj: &Linear,
+        norm: Option<&RmsNorm>,
+        heads: usize,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let y = proj.forward(x)?.reshape((b, t, heads, self.head_dim))?;
+        let y = match norm {
+            Some(n) => n.forward(&y)?,
+            None => y,
+        };
+        Ok(y.transpose(1, 2)?.contiguous()?)
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        cache: &mut KvCache,
+        rotary: &Rotary,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let q = self.heads(x, &self.q, self.q_norm.as_ref(), self.num_heads)?;
+        let k = self.heads(x, &self.k, self.k_norm.as_ref(), self.num_kv_heads)?;
+        let v = self.heads(x, &self.v, None, self.num_kv_heads)?;
+        let q = candle_nn::rotary_emb::rope(&q, &rotary.cos, &rotary.sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, &rotary.cos, &rotary.sin)?;
+        let (k, v) = cache.append(layer, &k, &v)?;
+        let s = k.dim(2)?;
+        // Grouped-query attention without copying keys: the query heads that share a key/value
+        // head are stacked along the position axis.
+        let group = self.num_heads / self.num_kv_heads;
+        let q = q.reshape((b, self.num_kv_heads, group * t, self.head_dim))?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = match mask {
+            Some(m) => scores
+                .reshape((b, self.num_kv_heads, group, t, s))?
+                .broadcast_add(m)?
+                .reshape((b, self.num_kv_heads, group * t, s))?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v.contiguous()?)?;
+        let out = out
+            .reshape((b, self.num_heads, t, self.head_dim))?
+            .transpose(1, 2)?
+            .reshape((b, t, self.num_heads * self.head_dim))?;
+        self.o.forward(&out)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    fn load(src: &dyn WeightSource, i: usize, cfg: &ModelConfig) -> Result<Self> {
+        let name = |w| WeightName::Layer(i, w);
+        let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Mlp {
+            gate: Linear::new(src.matrix(name(LayerWeight::Gate), f, h)?, None),
+            up: Linear::new(src.matrix(name(LayerWeight::Up), f, h)?, None),
+            down: Linear::new(src.matrix(name(LayerWeight::Down), h, f)?, None),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
+        self.down.forward(&(gate * self.up.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    mlp_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn load(src: &dyn WeightSource, i: usize, cfg: &ModelConfig) -> Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(Block {
+            attn_norm: RmsNorm::load(
+                src,
+                WeightName::Layer(i, LayerWeight::AttnNorm),
+                h,
+                cfg.rms_norm_eps,
+            )?,
+            attn: Attention::load(src, i, cfg)?,
+            mlp_norm: RmsNorm::load(
+                src,
+                WeightName::Layer(i, LayerWeight::MlpNorm),
+                h,
+                cfg.rms_norm_eps,
+            )?,
+            mlp: Mlp::load(src, i, cfg)?,
+        })
+    }
+
+    fn size_in_bytes(&self) -> usize {
+        self.attn.size_in_bytes() + self.mlp.gate.bytes + self.mlp.up.bytes + self.mlp.down.bytes
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        cache: &mut KvCache,
+        rotary: &Rotary,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let h = self
+            .attn
+            .forward(&self.attn_norm.forward(x)?, layer, cache, rotary, mask)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&self.mlp_norm.forward(&x)?)?;
+        Ok((x + h)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Head {
+    norm: RmsNorm,
+    output: Linear,
+}
+
+/// The layers `[start, end)` of a model, loaded and ready to run.
+#[derive(Debug, Clone)]
+pub struct Shard {
+    config: Arc<ModelConfig>,
+    range: LayerRange,
+    embed: Option<Embedding>,
+    blocks: Vec<Block>,
+    head: Option<Head>,
+    inv_freq: Tensor,
+}
+
+impl Shard {
+    /// Loads the layers in `range` (plus the embedding for the first range, and the final norm
+    /// and output head for the last) from `src`. Nothing else is read.
+    pub fn load(
+        src: &dyn WeightSource,
+        config: Arc<ModelConfig>,
+        range: LayerRange,
+    ) -> Result<Self> {
+        let cfg = &*config;
+        let range = LayerRange::new(range.start, range.end, cfg.num_layers)?;
+        let is_last = range.end == cfg.num_layers;
+        let embed = if range.start == 0 || (is_last && cfg.tie_word_embeddings) {
+            Some(
+                match src.matrix(WeightName::Embed, cfg.vocab_size, cfg.hidden_size)? {
+                    Weight::Dense(t) => Embedding::Dense(t),
+                    Weight::Quantized(q) => Embedding::Quantized(q),
+                },
+            )
+        } else {
+            None
+        };
+        let mut blocks = Vec::with_capacity(range.len());
+        for i in range.start..range.end {
+            blocks.push(Block::load(src, i, cfg)?);
+        }
+        let head = if is_last {
+            let norm = RmsNorm::load(
+                src,
+                WeightName::FinalNorm,
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?;
+            let weight = if cfg.tie_word_embeddings && !src.contains(WeightName::LmHead) {
+                match embed.as_ref() {
+                    Some(Embedding::Dense(t)) => Weight::Dense(t.clone()),
+                    Some(Embedding::Quantized(q)) => Weight::Quantized(q.clone()),
+                    None => {
+                        return Err(Error::Invalid(
+                            "tied output head without an embedding".into(),
+                        ));
+                    }
+                }
+            } else {
+                src.matrix(WeightName::LmHead, cfg.vocab_size, cfg.hidden_size)?
+            };
+            Some(Head {
+                norm,
+                output: Linear::new(weight, None),
+            })
+        } else {
+            None
+        };
+        // The last shard of a tied model loads the embedding only for its head.
+        let embed = if range.start == 0 { embed } else { None };
+        let inv_freq = Tensor::new(cfg.rope.inv_freq(cfg.head_dim), &Device::Cpu)?;
+        Ok(Shard {
+            config,
+            range,
+            embed,
+            blocks,
+            head,
+            inv_freq,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The layers this shard runs.
+    pub fn range(&self) -> LayerRange {
+        self.range
+    }
+
+    /// Whether this shard takes token ids.
+    pub fn is_first(&self) -> bool {
+        self.range.start == 0
+    }
+
+    /// Whether this shard produces logits.
+    pub fn is_last(&self) -> bool {
+        self.range.end == self.config.num_layers
+    }
+
+    /// Bytes of weights held in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let embed = self.embed.as_ref().map_or(0, Embedding::size_in_bytes);
+        let head = self
+            .head
+            .as_ref()
+            .map_or(0, |h| h.output.bytes + h.norm.weight.elem_count() * 4);
+        embed + head + self.blocks.iter().map(Block::size_in_bytes).sum::<usize>()
+    }
+
+    /// A fresh cache for one sequence through this shard.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.blocks.len(), self.config.max_position_embeddings)
+    }
+
+    /// Bytes of KV cache one position takes in this shard.
+    pub fn kv_bytes_per_position(&self) -> usize {
+        2 * self.blocks.len()
+            * self.config.num_kv_heads
+            * self.config.head_dim
+            * DType::F32.size_in_bytes()
+    }
+
+    /// Runs this shard's layers on the next positions of the sequence whose cache is `cache`.
+    pub fn forward(
+        &self,
+        cache: &mut KvCache,
+        input: ShardInput<'_>,
+        logits: LogitsFor,
+    ) -> Result<ShardOutput> {
+        let x = match (input, &self.embed) {
+            (ShardInput::Tokens(ids), Some(embed)) => {
+                if ids.is_empty() {
+                    return Err(Error::Invalid("no tokens to process".into()));
+                }
+                if let Some(&bad) = ids
+                    .iter()
+                    .find(|&&id| id as usize >= self.config.vocab_size)
+                {
+                    return Err(Error::Invalid(format!(
+                        "token id {bad} is out of range for a vocabulary of {}",
+                        self.config.vocab_size
+                    )));
+                }
+                let ids = Tensor::new(ids, &Device::Cpu)?;
+                embed.forward(&ids)?.unsqueeze(0)?
+            }
+            (ShardInput::Hidden(h), None) => {
+                let (b, _, width) = h.dims3()?;
+                if b != 1 || width != self.config.hidden_size {
+                    return Err(Error::Invalid(format!(
+                        "hidden states of shape {:?} do not fit a model of width {}",
+                        h.dims(),
+                        self.config.hidden_size
+                    )));
+                }
+                h.to_dtype(DType::F32)?
+            }
+            (ShardInput::Tokens(_), None) => {
+                return Err(Error::Invalid(format!(
+                    "shard {} takes hidden states, not tokens",
+                    self.range
+                )));
+            }
+            (ShardInput::Hidden(_), Some(_)) => {
+                return Err(Error::Invalid(format!(
+                    "shard {} takes tokens, not hidden states",
+                    self.range
+                )));
+            }
+        };
+        let t = x.dim(1)?;
+        cache.check_room(t)?;
+        let start = cache.len();
+        let rotary = self.rotary(start, t)?;
+        let mask = self.mask(start, t)?;
+        let mut x = x;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&x, i, cache, &rotary, mask.as_ref())?;
+        }
+        cache.advance(t);
+        match &self.head {
+            None => Ok(ShardOutput::Hidden(x)),
+            Some(head) => {
+                let x = match logits {
+                    LogitsFor::Last => x.narrow(1, t - 1, 1)?,
+                    LogitsFor::All => x,
+                };
+                let y = head.output.forward(&head.norm.forward(&x)?)?;
+                Ok(ShardOutput::Logits(y.squeeze(0)?.to_dtype(DType::F32)?))
+            }
+        }
+    }
+
+    fn rotary(&self, start: usize, t: usize) -> Result<Rotary> {
+        let positions =
+            Tensor::arange(start as u32, (start + t) as u32, &Device::Cpu)?.to_dtype(DType::F32)?;
+        let freqs = positions
+            .unsqueeze(1)?
+            .broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
+        Ok(Rotary {
+            cos: freqs.cos()?.contiguous()?,
+            sin: freqs.sin()?.contiguous()?,
+        })
+    }
+
+    /// The additive attention mask `[t, start + t]`, or `None` when every cached position is
+    /// visible (a single new position without a sliding window).
+    fn mask(&self, start: usize, t: usize) -> Result<Option<Tensor>> {
+        let total = start + t;
+        let window = self.config.sliding_window;
+        if t == 1 && window.is_none_or(|w| total <= w) {
+            return Ok(None);
+        }
+        let mut m = vec![0f32; t * total];
+        for i in 0..t {
+            let pos = start + i;
+            for (j, v) in m[i * total..(i + 1) * total].iter_mut().enumerate() {
+                let visible = j <= pos && window.is_none_or(|w| pos - j < w);
+                if !visible {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(m, (t, total), &Device::Cpu)?))
+    }
+}
+
+/// Softmax over the last dimension in f32 (kept here so callers need not depend on candle-nn).
+pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::log_softmax(
+        &logits.to_dtype(DType::F32)?,
+        D::Minus1,
+    )?)
+}

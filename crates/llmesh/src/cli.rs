@@ -1,0 +1,156 @@
+//! Command-line arguments (clap derive). Values are checked again where they are used, with
+//! messages that name the flag.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Run large language models across the computers you own.
+#[derive(Debug, Parser)]
+#[command(name = "llmesh", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Complete a prompt (raw text, no chat template) and stream the text to stdout.
+    Generate(GenerateArgs),
+    /// Chat with a model using its chat template; interactive without --prompt.
+    Chat(ChatArgs),
+    /// Developer tools.
+    #[command(subcommand)]
+    Dev(DevCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// A Hugging Face model directory (config.json, tokenizer.json, *.safetensors) or a .gguf file.
+    #[arg(long, short = 'm')]
+    pub model: PathBuf,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, short = 't', default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability.
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Keep only the K most likely tokens (0: off).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Drop tokens less likely than this fraction of the most likely one (0: off).
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Penalise tokens already in the context (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Penalise tokens already generated, once (OpenAI's presence_penalty).
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    /// Penalise tokens already generated, per occurrence (OpenAI's frequency_penalty).
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    /// Random seed: the same seed and settings give the same text.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when this text appears (repeatable); the text is not printed.
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The text to complete.
+    #[arg(long, short = 'p')]
+    pub prompt: String,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print one JSON object (text, token ids, counts, speeds) instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// One message to answer; without it, chat interactively on the terminal.
+    #[arg(long, short = 'p')]
+    pub prompt: Option<String>,
+    /// A system message.
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DevCommand {
+    /// Write a tiny random model (Hugging Face layout and GGUF) with a trained tokenizer.
+    MakeModel(MakeModelArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MakeModelArgs {
+    /// Architecture: llama, mistral, qwen2 or qwen3.
+    #[arg(long)]
+    pub arch: String,
+    /// Output directory (created).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Transformer blocks.
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Residual width.
+    #[arg(long)]
+    pub hidden: Option<usize>,
+    /// Query heads.
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Key/value heads.
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
+    /// Head size (default: hidden / heads, or 128 for qwen3).
+    #[arg(long)]
+    pub head_dim: Option<usize>,
+    /// MLP width.
+    #[arg(long)]
+    pub intermediate: Option<usize>,
+    /// Approximate vocabulary size.
+    #[arg(long)]
+    pub vocab: Option<usize>,
+    /// Context length.
+    #[arg(long)]
+    pub context: Option<usize>,
+    /// Tokenizer family: llama3, qwen, qwen3, llama2 or mistral (default: the architecture's).
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+    /// Share the embedding with the output head.
+    #[arg(long)]
+    pub tie_embeddings: Option<bool>,
+    /// Random seed of the weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Element type of the safetensors weights: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Split the safetensors weights into this many files with an index.
+    #[arg(long, default_value_t = 1)]
+    pub shards: usize,
+    /// GGUF files to write as well (comma-separated): f32, f16, bf16, q8_0, q4_0, q4_1, q5_0,
+    /// q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, q4_k_m, q5_k_m.
+    #[arg(long, value_delimiter = ',')]
+    pub gguf: Vec<String>,
+}
