@@ -305,7 +305,7 @@ pub fn generate(
     }
     let mut decode_start = None;
     let mut prefill_seconds = 0.0;
-    let mut stream = tokenizer.decode_stream(true);
+    let mut detok = tokenizer.detokenizer(&req.prompt, true);
     let mut filter = StopFilter::new(&req.stop);
     let mut token_ids = Vec::new();
     let mut logprobs = Vec::new();
@@ -333,12 +333,20 @@ pub fn generate(
             logprobs.push(lp.clone());
         }
         let is_end = req.stop_ids.contains(&id);
-        let (text, hit_stop) = if is_end {
-            (filter.finish(), false)
+        let is_last = step + 1 == req.max_tokens;
+        // An end token adds no text; the last token releases whatever was held back.
+        let mut piece = if is_end {
+            String::new()
         } else {
-            let piece = stream.step(id)?.unwrap_or_default();
-            filter.push(&piece)
+            detok.step(id)?
         };
+        if is_end || is_last {
+            piece.push_str(&detok.flush()?);
+        }
+        let (mut text, hit_stop) = filter.push(&piece);
+        if (is_end || is_last) && !hit_stop {
+            text.push_str(&filter.finish());
+        }
         let keep_going = on_token(&TokenEvent { id, text, logprob });
         if is_end || hit_stop {
             finish = FinishReason::Stop;
@@ -348,23 +356,11 @@ pub fn generate(
             finish = FinishReason::Cancelled;
             break;
         }
-        if step + 1 == req.max_tokens {
+        if is_last {
             break;
         }
         let logits = runner.step(&[id], LogitsFor::Last)?;
         last = row(&logits, 0)?;
-    }
-    if finish == FinishReason::Length {
-        let rest = filter.finish();
-        if !rest.is_empty()
-            && let Some(&id) = token_ids.last()
-        {
-            on_token(&TokenEvent {
-                id,
-                text: rest,
-                logprob: None,
-            });
-        }
     }
     Ok(Generation {
         text: filter.text,

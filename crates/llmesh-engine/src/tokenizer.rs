@@ -130,11 +130,10 @@ impl Tokenizer {
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
-    /// An incremental decoder that yields text as soon as it is complete UTF-8.
-    pub fn decode_stream(&self, skip_special_tokens: bool) -> DecodeStream<'_> {
-        DecodeStream {
-            inner: self.inner.decode_stream(skip_special_tokens),
-        }
+    /// An incremental decoder for tokens generated after `context` (the prompt), yielding text
+    /// as soon as it is complete UTF-8.
+    pub fn detokenizer(&self, context: &[u32], skip_special_tokens: bool) -> Detokenizer<'_> {
+        Detokenizer::new(self, context, skip_special_tokens)
     }
 
     /// The id of a token's text, if it is in the vocabulary.
@@ -173,24 +172,88 @@ impl Tokenizer {
     }
 }
 
-/// Incremental decoding; see [`Tokenizer::decode_stream`].
-pub struct DecodeStream<'a> {
-    inner: tokenizers::DecodeStream<
-        'a,
-        tokenizers::ModelWrapper,
-        tokenizers::NormalizerWrapper,
-        tokenizers::PreTokenizerWrapper,
-        tokenizers::PostProcessorWrapper,
-        tokenizers::DecoderWrapper,
-    >,
+/// Incremental decoding; see [`Tokenizer::detokenizer`].
+///
+/// Decoding tokens one by one is wrong for many vocabularies: SentencePiece drops the leading
+/// space of the first token decoded, and byte-level or byte-fallback tokens may end inside a
+/// UTF-8 character. So each step decodes a short window of preceding tokens with and without the
+/// new ones and emits the difference, holding text back while it ends in an incomplete
+/// character.
+pub struct Detokenizer<'a> {
+    tokenizer: &'a Tokenizer,
+    ids: Vec<u32>,
+    prefix: usize,
+    read: usize,
+    skip_special: bool,
 }
 
-impl DecodeStream<'_> {
-    /// Feeds one id; returns the text it completes, if any.
-    pub fn step(&mut self, id: u32) -> Result<Option<String>> {
-        self.inner
-            .step(id)
-            .map_err(|e| Error::Tokenizer(e.to_string()))
+/// Prompt tokens kept as context for the first generated tokens.
+const DETOKENIZER_CONTEXT: usize = 6;
+
+impl<'a> Detokenizer<'a> {
+    fn new(tokenizer: &'a Tokenizer, context: &[u32], skip_special: bool) -> Self {
+        let ids = context[context.len().saturating_sub(DETOKENIZER_CONTEXT)..].to_vec();
+        let n = ids.len();
+        Detokenizer {
+            tokenizer,
+            ids,
+            prefix: 0,
+            read: n,
+            skip_special,
+        }
+    }
+
+    /// Feeds one id; returns the text that became complete (possibly empty).
+    pub fn step(&mut self, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let before = self
+            .tokenizer
+            .decode(&self.ids[self.prefix..self.read], self.skip_special)?;
+        let after = self
+            .tokenizer
+            .decode(&self.ids[self.prefix..], self.skip_special)?;
+        if after.len() <= before.len() || after.ends_with('\u{FFFD}') || !after.starts_with(&before)
+        {
+            if !after.starts_with(&before) && !after.ends_with('\u{FFFD}') {
+                // The window re-segmented earlier text (rare); emit what follows the common part.
+                let common = before
+                    .char_indices()
+                    .zip(after.chars())
+                    .take_while(|((_, a), b)| a == b)
+                    .count();
+                let at = after
+                    .char_indices()
+                    .nth(common)
+                    .map_or(after.len(), |(i, _)| i);
+                let out = after[at..].to_string();
+                self.advance();
+                return Ok(out);
+            }
+            return Ok(String::new());
+        }
+        let out = after[before.len()..].to_string();
+        self.advance();
+        Ok(out)
+    }
+
+    fn advance(&mut self) {
+        self.prefix = self.read;
+        self.read = self.ids.len();
+    }
+
+    /// Text held back at the end (an incomplete character decodes as U+FFFD).
+    pub fn flush(&mut self) -> Result<String> {
+        let before = self
+            .tokenizer
+            .decode(&self.ids[self.prefix..self.read], self.skip_special)?;
+        let after = self
+            .tokenizer
+            .decode(&self.ids[self.prefix..], self.skip_special)?;
+        self.advance();
+        Ok(after
+            .strip_prefix(before.as_str())
+            .unwrap_or_default()
+            .to_string())
     }
 }
 

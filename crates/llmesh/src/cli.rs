@@ -80,6 +80,9 @@ pub struct GenerateArgs {
     /// Print one JSON object (text, token ids, counts, speeds) instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// With --json: include each generated token's log-probability and the N most likely tokens.
+    #[arg(long)]
+    pub logprobs: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -100,6 +103,21 @@ pub struct ChatArgs {
 pub enum DevCommand {
     /// Write a tiny random model (Hugging Face layout and GGUF) with a trained tokenizer.
     MakeModel(MakeModelArgs),
+    /// Print the token ids of a text as a JSON array.
+    Tokenize(TokenizeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenizeArgs {
+    /// A Hugging Face model directory or a .gguf file.
+    #[arg(long, short = 'm')]
+    pub model: PathBuf,
+    /// The text; `-` reads standard input.
+    #[arg(long)]
+    pub text: String,
+    /// Add the BOS token as the tokenizer's configuration says.
+    #[arg(long)]
+    pub add_special: bool,
 }
 
 #[derive(Debug, Args)]

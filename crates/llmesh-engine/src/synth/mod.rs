@@ -171,6 +171,10 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<Vec<(WeightName, T
     let (h, f, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
     let (q, kv) = (cfg.num_heads * d, cfg.num_kv_heads * d);
     let inv = |n: usize| 1.0 / (n as f32).sqrt();
+    // Projections into the residual stream are scaled down by sqrt(2 * layers), as GPT-2 and
+    // Megatron initialise them, so a perturbation does not grow layer after layer: quantization
+    // error then stays proportionate, as in trained models.
+    let residual = 1.0 / (2.0 * cfg.num_layers as f32).sqrt();
     let mut w = vec![(
         WeightName::Embed,
         random(&mut rng, &[cfg.vocab_size, h], 0.0, 1.0)?,
@@ -190,7 +194,10 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<Vec<(WeightName, T
             w.push((l(LayerWeight::QNorm), random(&mut rng, &[d], 1.0, 0.1)?));
             w.push((l(LayerWeight::KNorm), random(&mut rng, &[d], 1.0, 0.1)?));
         }
-        w.push((l(LayerWeight::O), random(&mut rng, &[h, q], 0.0, inv(q))?));
+        w.push((
+            l(LayerWeight::O),
+            random(&mut rng, &[h, q], 0.0, inv(q) * residual)?,
+        ));
         w.push((l(LayerWeight::MlpNorm), random(&mut rng, &[h], 1.0, 0.1)?));
         w.push((
             l(LayerWeight::Gate),
@@ -199,7 +206,7 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<Vec<(WeightName, T
         w.push((l(LayerWeight::Up), random(&mut rng, &[f, h], 0.0, inv(h))?));
         w.push((
             l(LayerWeight::Down),
-            random(&mut rng, &[h, f], 0.0, inv(f))?,
+            random(&mut rng, &[h, f], 0.0, inv(f) * residual)?,
         ));
     }
     w.push((WeightName::FinalNorm, random(&mut rng, &[h], 1.0, 0.1)?));

@@ -12,10 +12,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let (files, shard) = super::load_model(&args.model)?;
     let tokenizer = files.tokenizer();
     let prompt = tokenizer.encode(&args.prompt, true)?;
-    let mut req = GenerateRequest::new(prompt, args.sampling.max_tokens);
+    let mut req = GenerateRequest::new(prompt.clone(), args.sampling.max_tokens);
     req.sampling = super::sampling(&args.sampling)?;
     req.stop = args.sampling.stop.clone();
     req.stop_ids = files.eos_ids().to_vec();
+    req.logprobs = args.logprobs;
     let mut runner = LocalRunner::new(&shard)?;
     let stdout = std::io::stdout();
     let out = if args.json {
@@ -32,15 +33,23 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         g
     };
     if args.json {
-        let v = json!({
+        let mut v = json!({
             "text": out.text,
             "token_ids": out.token_ids,
             "prompt_tokens": out.prompt_tokens,
+            "prompt_token_ids": prompt,
             "completion_tokens": out.token_ids.len(),
             "finish_reason": out.finish_reason.as_str(),
             "prefill_tokens_per_s": out.prefill_tokens_per_s(),
             "decode_tokens_per_s": out.decode_tokens_per_s(),
         });
+        if args.logprobs.is_some() {
+            v["logprobs"] = out
+                .logprobs
+                .iter()
+                .map(|lp| json!({"token": lp.id, "logprob": lp.logprob, "top": lp.top}))
+                .collect();
+        }
         println!("{v}");
     } else {
         eprintln!(

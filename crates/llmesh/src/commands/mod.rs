@@ -7,7 +7,7 @@ mod make_model;
 use anyhow::{Context, Result};
 use llmesh_engine::{ModelFiles, SamplingParams, Shard};
 
-use crate::cli::{Cli, Command, DevCommand, ModelArgs, SamplingArgs};
+use crate::cli::{Cli, Command, DevCommand, ModelArgs, SamplingArgs, TokenizeArgs};
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
@@ -15,6 +15,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Chat(args) => chat::run(args),
         Command::Dev(DevCommand::MakeModel(args)) => make_model::run(args),
+        Command::Dev(DevCommand::Tokenize(args)) => tokenize(args),
     }
 }
 
@@ -47,4 +48,16 @@ fn sampling(args: &SamplingArgs) -> Result<SamplingParams> {
     };
     p.validate()?;
     Ok(p)
+}
+
+fn tokenize(args: TokenizeArgs) -> Result<()> {
+    let text = if args.text == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+    } else {
+        args.text
+    };
+    let files = ModelFiles::open(&args.model)?;
+    let ids = files.tokenizer().encode(&text, args.add_special)?;
+    println!("{}", serde_json::to_string(&ids)?);
+    Ok(())
 }
