@@ -102,7 +102,7 @@ pub struct ChatArgs {
 #[derive(Debug, Subcommand)]
 pub enum DevCommand {
     /// Write a tiny random model (Hugging Face layout and GGUF) with a trained tokenizer.
-    MakeModel(MakeModelArgs),
+    MakeModel(Box<MakeModelArgs>),
     /// Print the token ids of a text as a JSON array.
     Tokenize(TokenizeArgs),
 }

@@ -14,7 +14,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Chat(args) => chat::run(args),
-        Command::Dev(DevCommand::MakeModel(args)) => make_model::run(args),
+        Command::Dev(DevCommand::MakeModel(args)) => make_model::run(*args),
         Command::Dev(DevCommand::Tokenize(args)) => tokenize(args),
     }
 }
