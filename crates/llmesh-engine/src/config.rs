@@ -375,7 +375,8 @@ impl ModelConfig {
                 "factor": factor,
                 "low_freq_factor": low_freq_factor,
                 "high_freq_factor": high_freq_factor,
-                "original_max_position_embeddings": original_max_position_embeddings,
+                // transformers wants an integer here.
+                "original_max_position_embeddings": *original_max_position_embeddings as u64,
             }),
         };
         obj.insert("rope_scaling".into(), scaling);

@@ -40,7 +40,12 @@ pub struct SamplingArgs {
     #[arg(long, short = 'n', default_value_t = 128)]
     pub max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, short = 't', default_value_t = 0.8)]
+    #[arg(
+        long,
+        short = 't',
+        default_value_t = 0.8,
+        allow_negative_numbers = true
+    )]
     pub temperature: f32,
     /// Nucleus sampling: keep the most likely tokens up to this total probability.
     #[arg(long, default_value_t = 0.95)]
@@ -55,10 +60,10 @@ pub struct SamplingArgs {
     #[arg(long, default_value_t = 1.0)]
     pub repetition_penalty: f32,
     /// Penalise tokens already generated, once (OpenAI's presence_penalty).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub presence_penalty: f32,
     /// Penalise tokens already generated, per occurrence (OpenAI's frequency_penalty).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub frequency_penalty: f32,
     /// Random seed: the same seed and settings give the same text.
     #[arg(long)]
@@ -105,6 +110,18 @@ pub enum DevCommand {
     MakeModel(Box<MakeModelArgs>),
     /// Print the token ids of a text as a JSON array.
     Tokenize(TokenizeArgs),
+    /// Load a range of a model's layers and report the memory it took, as JSON.
+    Load(LoadArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// A Hugging Face model directory or a .gguf file.
+    #[arg(long, short = 'm')]
+    pub model: PathBuf,
+    /// Layers to load, `START..END` (default: all).
+    #[arg(long)]
+    pub layers: Option<String>,
 }
 
 #[derive(Debug, Args)]

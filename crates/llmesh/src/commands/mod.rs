@@ -5,9 +5,9 @@ mod generate;
 mod make_model;
 
 use anyhow::{Context, Result};
-use llmesh_engine::{ModelFiles, SamplingParams, Shard};
+use llmesh_engine::{LayerRange, ModelFiles, SamplingParams, Shard};
 
-use crate::cli::{Cli, Command, DevCommand, ModelArgs, SamplingArgs, TokenizeArgs};
+use crate::cli::{Cli, Command, DevCommand, LoadArgs, ModelArgs, SamplingArgs, TokenizeArgs};
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
@@ -16,6 +16,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Chat(args) => chat::run(args),
         Command::Dev(DevCommand::MakeModel(args)) => make_model::run(*args),
         Command::Dev(DevCommand::Tokenize(args)) => tokenize(args),
+        Command::Dev(DevCommand::Load(args)) => load(args),
     }
 }
 
@@ -59,5 +60,41 @@ fn tokenize(args: TokenizeArgs) -> Result<()> {
     let files = ModelFiles::open(&args.model)?;
     let ids = files.tokenizer().encode(&text, args.add_special)?;
     println!("{}", serde_json::to_string(&ids)?);
+    Ok(())
+}
+
+fn load(args: LoadArgs) -> Result<()> {
+    let files = ModelFiles::open(&args.model)?;
+    let layers = files.config().num_layers;
+    let range = match &args.layers {
+        None => LayerRange::full(layers),
+        Some(text) => {
+            let (a, b) = text
+                .split_once("..")
+                .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)))
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--layers `{text}` is not of the form START..END")
+                })?;
+            LayerRange::new(a, b, layers)?
+        }
+    };
+    let shard = files.load_shard(range)?;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|v| v * 1024)
+    };
+    let v = serde_json::json!({
+        "layers": range.to_string(),
+        "model_layers": layers,
+        "weight_bytes": shard.weight_bytes(),
+        "rss_bytes": kib("VmRSS:"),
+        "peak_rss_bytes": kib("VmHWM:"),
+    });
+    println!("{v}");
     Ok(())
 }
