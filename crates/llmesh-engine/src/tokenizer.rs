@@ -15,6 +15,18 @@ pub const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}
 /// The pre-tokenizer regex of Qwen2's `tokenizer.json`.
 pub const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Control tokens that end a turn in the common chat formats.
+const END_TOKENS: &[&str] = &[
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<|endoftext|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "</s>",
+];
+
 /// GGUF token types (llama.cpp's `llama_token_type`).
 pub mod token_type {
     /// An ordinary token.
@@ -100,10 +112,20 @@ impl Tokenizer {
         let inner = tokenizers::Tokenizer::from_str(&json.to_string())
             .map_err(|e| Error::format(path, format!("tokenizer metadata: {e}")))?;
         let name = |id: Option<u32>| id.and_then(|i| spec.tokens.get(i as usize).cloned());
-        let eos_ids = [spec.eos_id, spec.eot_id, spec.eom_id]
+        let mut eos_ids: Vec<u32> = [spec.eos_id, spec.eot_id, spec.eom_id]
             .into_iter()
             .flatten()
             .collect();
+        // Like llama.cpp, also end on well-known end-of-turn control tokens the metadata does not
+        // name (many converted files record only one EOS id).
+        for (id, (text, ty)) in spec.tokens.iter().zip(&spec.types).enumerate() {
+            if *ty == token_type::CONTROL
+                && END_TOKENS.contains(&text.as_str())
+                && !eos_ids.contains(&(id as u32))
+            {
+                eos_ids.push(id as u32);
+            }
+        }
         Ok(Tokenizer {
             inner,
             bos_token: name(spec.bos_id),
