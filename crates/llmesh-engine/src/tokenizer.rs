@@ -47,6 +47,7 @@ pub mod token_type {
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    pieces: PieceEncoding,
     bos_token: Option<String>,
     eos_token: Option<String>,
     eos_ids: Vec<u32>,
@@ -91,6 +92,7 @@ impl Tokenizer {
         let inner = tokenizers::Tokenizer::from_str(&json.to_string())
             .map_err(|e| Error::format(tokenizer_json, format!("invalid tokenizer: {e}")))?;
         let mut tok = Tokenizer {
+            pieces: PieceEncoding::of(&inner),
             inner,
             bos_token,
             eos_token,
@@ -127,6 +129,7 @@ impl Tokenizer {
             }
         }
         Ok(Tokenizer {
+            pieces: PieceEncoding::of(&inner),
             inner,
             bos_token: name(spec.bos_id),
             eos_token: name(spec.eos_id),
@@ -168,6 +171,27 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The raw bytes a token stands for (a byte-level or byte-fallback token may be part of a
+    /// UTF-8 character, so its text alone cannot say).
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(piece) = self.inner.id_to_token(id) else {
+            return Vec::new();
+        };
+        let added = self.inner.get_added_vocabulary().is_special_token(&piece)
+            || self.inner.get_added_tokens_decoder().get(&id).is_some();
+        if added {
+            return piece.into_bytes();
+        }
+        match self.pieces {
+            PieceEncoding::ByteLevel => piece.chars().filter_map(byte_level_byte).collect(),
+            PieceEncoding::SentencePiece => match parse_byte_token(&piece) {
+                Some(b) => vec![b],
+                None => piece.replace('\u{2581}', " ").into_bytes(),
+            },
+            PieceEncoding::Plain => self.decode(&[id], false).unwrap_or_default().into_bytes(),
+        }
+    }
+
     /// Number of ids, including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
@@ -192,6 +216,51 @@ impl Tokenizer {
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }
+}
+
+/// How vocabulary pieces encode bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PieceEncoding {
+    /// GPT-2's byte-to-character table.
+    ByteLevel,
+    /// `▁` for spaces and `<0xXX>` byte-fallback pieces.
+    SentencePiece,
+    /// Pieces are plain text.
+    Plain,
+}
+
+impl PieceEncoding {
+    fn of(t: &tokenizers::Tokenizer) -> Self {
+        match t.get_decoder() {
+            Some(tokenizers::DecoderWrapper::ByteLevel(_)) => PieceEncoding::ByteLevel,
+            _ if t.token_to_id("<0x41>").is_some() => PieceEncoding::SentencePiece,
+            _ => PieceEncoding::Plain,
+        }
+    }
+}
+
+/// The byte GPT-2's byte-level alphabet maps to `c`: printable bytes stand for themselves, the
+/// others were shifted to U+0100 and up in order.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let cp = c as u32;
+    if cp < 256 && printable(cp) {
+        return Some(cp as u8);
+    }
+    let n = cp.checked_sub(256)?;
+    (0u32..256)
+        .filter(|b| !printable(*b))
+        .nth(n as usize)
+        .map(|b| b as u8)
+}
+
+fn parse_byte_token(piece: &str) -> Option<u8> {
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() != 2 {
+        return None;
+    }
+    u8::from_str_radix(hex, 16).ok()
 }
 
 /// Incremental decoding; see [`Tokenizer::detokenizer`].

@@ -15,6 +15,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Start a node: load a model and serve the OpenAI-compatible API and the chat page.
+    Run(Box<RunArgs>),
     /// Complete a prompt (raw text, no chat template) and stream the text to stdout.
     Generate(GenerateArgs),
     /// Chat with a model using its chat template; interactive without --prompt.
@@ -22,6 +24,37 @@ pub enum Command {
     /// Developer tools.
     #[command(subcommand)]
     Dev(DevCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// A Hugging Face model directory or a .gguf file; without it, a tiny built-in demo model.
+    #[arg(long, short = 'm')]
+    pub model: Option<PathBuf>,
+    /// Address to serve HTTP on (loopback by default; 0.0.0.0 for every interface).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// HTTP port (0 picks a free one and prints it).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on every /v1 request.
+    #[arg(long, env = "LLMESH_API_KEY")]
+    pub api_key: Option<String>,
+    /// Requests generated at the same time.
+    #[arg(long, default_value_t = 4)]
+    pub parallel: usize,
+    /// Requests that may wait for a free slot before new ones are refused with 503.
+    #[arg(long, default_value_t = 64)]
+    pub queue: usize,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// This node's name in the cluster panel (default: the host name).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// Where llmesh keeps its state (the demo model, later the node identity).
+    #[arg(long, env = "LLMESH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -3,6 +3,7 @@
 mod chat;
 mod generate;
 mod make_model;
+mod run;
 
 use anyhow::{Context, Result};
 use llmesh_engine::{LayerRange, ModelFiles, SamplingParams, Shard};
@@ -12,6 +13,7 @@ use crate::cli::{Cli, Command, DevCommand, LoadArgs, ModelArgs, SamplingArgs, To
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Run(args) => run::run(*args),
         Command::Generate(args) => generate::run(args),
         Command::Chat(args) => chat::run(args),
         Command::Dev(DevCommand::MakeModel(args)) => make_model::run(*args),
