@@ -5,33 +5,40 @@
 
 use std::time::Instant;
 
-use candle_core::Tensor;
-
 use crate::error::{Error, Result};
+pub use crate::head::TokenLogprob;
+use crate::head::{HeadSpec, SequenceHead, StepOutput};
 use crate::kv_cache::KvCache;
-use crate::model::{LogitsFor, Shard, ShardInput};
-use crate::sampling::{Sampler, SamplingParams, log_softmax, top_logprobs};
+use crate::model::{Shard, ShardInput};
+use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
 
-/// Runs the model's layers on the next positions of one sequence.
+/// Runs the model's layers on the next positions of one sequence, and its head: the runner is
+/// set up for one request (its sampling settings included) and chooses the next token itself.
 pub trait StepRunner {
-    /// Processes `tokens` after the positions already processed and returns logits
-    /// `[positions, vocab]` (one row with [`LogitsFor::Last`]).
-    fn step(&mut self, tokens: &[u32], logits: LogitsFor) -> Result<Tensor>;
+    /// Processes `tokens` after the positions already processed; with `sample`, returns the
+    /// next token.
+    fn step(&mut self, tokens: &[u32], sample: bool) -> Result<StepOutput>;
 
     /// The most positions a sequence may have.
     fn context_length(&self) -> usize;
 }
 
-/// A whole model in this process with the cache of one sequence.
+/// A whole model in this process with the state of one sequence.
 pub struct LocalRunner<'a> {
     shard: &'a Shard,
     cache: KvCache,
+    head: SequenceHead,
 }
 
 impl<'a> LocalRunner<'a> {
-    /// A runner over `shard`, which must hold every layer.
-    pub fn new(shard: &'a Shard) -> Result<Self> {
+    /// A runner over `shard`, which must hold every layer, set up for `req`.
+    pub fn new(shard: &'a Shard, req: &GenerateRequest) -> Result<Self> {
+        Self::with_head(shard, &req.head_spec())
+    }
+
+    /// A runner over `shard` whose head is rebuilt from `spec` (e.g. to replay a sequence).
+    pub fn with_head(shard: &'a Shard, spec: &HeadSpec) -> Result<Self> {
         if !(shard.is_first() && shard.is_last()) {
             return Err(Error::Invalid(format!(
                 "a local runner needs the whole model, this shard holds layers {}",
@@ -41,15 +48,22 @@ impl<'a> LocalRunner<'a> {
         Ok(LocalRunner {
             shard,
             cache: shard.new_cache(),
+            head: SequenceHead::new(spec)?,
         })
     }
 }
 
 impl StepRunner for LocalRunner<'_> {
-    fn step(&mut self, tokens: &[u32], logits: LogitsFor) -> Result<Tensor> {
-        self.shard
-            .forward(&mut self.cache, ShardInput::Tokens(tokens), logits)?
-            .into_logits()
+    fn step(&mut self, tokens: &[u32], sample: bool) -> Result<StepOutput> {
+        let logits = self
+            .shard
+            .forward(
+                &mut self.cache,
+                ShardInput::Tokens(tokens),
+                self.head.logits_for(),
+            )?
+            .into_logits()?;
+        self.head.process(&logits, tokens, sample)
     }
 
     fn context_length(&self) -> usize {
@@ -79,6 +93,17 @@ pub struct GenerateRequest {
 }
 
 impl GenerateRequest {
+    /// The head settings of this request (before any token is generated).
+    pub fn head_spec(&self) -> HeadSpec {
+        HeadSpec {
+            sampling: self.sampling.clone(),
+            logprobs: self.logprobs,
+            prompt_logprobs: self.prompt_logprobs,
+            prompt: self.prompt.clone(),
+            generated: Vec::new(),
+        }
+    }
+
     /// A request with default settings for `prompt`.
     pub fn new(prompt: Vec<u32>, max_tokens: usize) -> Self {
         GenerateRequest {
@@ -113,17 +138,6 @@ impl FinishReason {
             FinishReason::Length => "length",
         }
     }
-}
-
-/// A token's log-probability and the most likely alternatives at its position.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenLogprob {
-    /// The token.
-    pub id: u32,
-    /// Its log-probability.
-    pub logprob: f32,
-    /// The most likely tokens at this position, most likely first.
-    pub top: Vec<(u32, f32)>,
 }
 
 /// One generated token, as reported while generating.
@@ -173,10 +187,6 @@ impl Generation {
 
 fn rate(n: usize, secs: f64) -> f64 {
     if secs > 0.0 { n as f64 / secs } else { 0.0 }
-}
-
-fn row(logits: &Tensor, i: usize) -> Result<Vec<f32>> {
-    Ok(logits.get(i)?.to_vec1::<f32>()?)
 }
 
 /// Holds back text that could be the start of a stop string and cuts at a complete one.
@@ -274,34 +284,18 @@ pub fn generate(
             context: runner.context_length(),
         });
     }
-    let mut sampler = Sampler::new(req.sampling.clone(), &req.prompt)?;
     let start = Instant::now();
-    let mode = if req.prompt_logprobs {
-        LogitsFor::All
-    } else {
-        LogitsFor::Last
-    };
-    let mut prompt_logprobs = req.prompt_logprobs.then(|| vec![None]);
-    let mut last = Vec::new();
+    let mut prompt_logprobs: Option<Vec<Option<TokenLogprob>>> =
+        req.prompt_logprobs.then(|| vec![None]);
     let chunk = req.prefill_chunk.max(1);
+    let n_chunks = req.prompt.len().div_ceil(chunk);
+    let mut next = None;
     for (c, part) in req.prompt.chunks(chunk).enumerate() {
-        let logits = runner.step(part, mode)?;
-        let n = logits.dim(0)?;
+        let out = runner.step(part, c + 1 == n_chunks && req.max_tokens > 0)?;
         if let Some(pl) = prompt_logprobs.as_mut() {
-            for i in 0..n {
-                let next = c * chunk + i + 1;
-                if next < req.prompt.len() {
-                    let lp = log_softmax(&row(&logits, i)?);
-                    let id = req.prompt[next];
-                    pl.push(Some(TokenLogprob {
-                        id,
-                        logprob: lp[id as usize],
-                        top: top_logprobs(&lp, req.logprobs.unwrap_or(0)),
-                    }));
-                }
-            }
+            pl.extend(out.prompt_logprobs.into_iter().map(Some));
         }
-        last = row(&logits, n - 1)?;
+        next = out.sampled;
     }
     let mut decode_start = None;
     let mut prefill_seconds = 0.0;
@@ -311,24 +305,16 @@ pub fn generate(
     let mut logprobs = Vec::new();
     let mut finish = FinishReason::Length;
     for step in 0..req.max_tokens {
-        let id = sampler.sample(&last);
-        sampler.accept(id);
+        let Some(sampled) = next.take() else {
+            return Err(Error::Invalid("the model runner returned no token".into()));
+        };
+        let id = sampled.id;
         token_ids.push(id);
         if step == 0 {
             prefill_seconds = start.elapsed().as_secs_f64();
             decode_start = Some(Instant::now());
         }
-        let logprob = match req.logprobs {
-            Some(n) => {
-                let lp = log_softmax(&last);
-                Some(TokenLogprob {
-                    id,
-                    logprob: lp[id as usize],
-                    top: top_logprobs(&lp, n),
-                })
-            }
-            None => None,
-        };
+        let logprob = sampled.logprob;
         if let Some(lp) = &logprob {
             logprobs.push(lp.clone());
         }
@@ -359,8 +345,7 @@ pub fn generate(
         if is_last {
             break;
         }
-        let logits = runner.step(&[id], LogitsFor::Last)?;
-        last = row(&logits, 0)?;
+        next = runner.step(&[id], true)?.sampled;
     }
     Ok(Generation {
         text: filter.text,

@@ -22,6 +22,7 @@ pub mod generate;
 pub mod gguf;
 pub mod gguf_export;
 pub mod gguf_source;
+pub mod head;
 pub mod kv_cache;
 pub mod model;
 pub mod model_files;

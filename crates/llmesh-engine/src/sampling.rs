@@ -9,7 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::error::{Error, Result};
 
 /// Sampling settings of one request. The defaults sample from the model's distribution as is.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SamplingParams {
     /// Softmax temperature; 0 picks the most likely token (greedy).
     pub temperature: f32,
@@ -98,10 +98,15 @@ impl SamplingParams {
 }
 
 /// Samples tokens for one sequence.
+///
+/// The random draw for the `n`-th generated token comes from its own ChaCha stream of the seed,
+/// so a sampler rebuilt from the prompt and the tokens generated so far (after a node failure,
+/// on another node) continues exactly as the original would have.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
-    rng: ChaCha8Rng,
+    seed: u64,
+    draws: u64,
     /// How often each token has been generated so far.
     generated: HashMap<u32, u32>,
     /// Every token of the context (prompt and generated), for the repetition penalty.
@@ -112,23 +117,39 @@ pub struct Sampler {
 impl Sampler {
     /// A sampler for a sequence that starts with `prompt`.
     pub fn new(params: SamplingParams, prompt: &[u32]) -> Result<Self> {
+        Self::resume(params, prompt, &[])
+    }
+
+    /// A sampler for a sequence that starts with `prompt` and has already generated `generated`.
+    pub fn resume(params: SamplingParams, prompt: &[u32], generated: &[u32]) -> Result<Self> {
         params.validate()?;
         let seed = params.seed.unwrap_or_else(|| rand::rng().random());
-        Ok(Sampler {
-            rng: ChaCha8Rng::seed_from_u64(seed),
+        let mut s = Sampler {
             seen: if params.repetition_penalty != 1.0 {
                 prompt.iter().copied().collect()
             } else {
                 Default::default()
             },
             params,
+            seed,
+            draws: 0,
             generated: HashMap::new(),
             scratch: Vec::new(),
-        })
+        };
+        for &id in generated {
+            s.accept(id);
+        }
+        Ok(s)
     }
 
-    /// Records a generated token (for penalties).
+    /// The seed in use (drawn at random when the settings named none).
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Records a generated token (for penalties, and to move on to the next random draw).
     pub fn accept(&mut self, id: u32) {
+        self.draws += 1;
         *self.generated.entry(id).or_default() += 1;
         if self.params.repetition_penalty != 1.0 {
             self.seen.insert(id);
@@ -215,7 +236,9 @@ impl Sampler {
             c.truncate(keep);
             total = c.iter().map(|x| f64::from(x.1)).sum();
         }
-        let mut r = self.rng.random::<f64>() * total;
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        rng.set_stream(self.draws);
+        let mut r = rng.random::<f64>() * total;
         for x in c.iter() {
             r -= f64::from(x.1);
             if r < 0.0 {
@@ -287,7 +310,13 @@ mod tests {
         };
         let draw = |p: &SamplingParams| {
             let mut s = Sampler::new(p.clone(), &[]).unwrap();
-            (0..50).map(|_| s.sample(&logits())).collect::<Vec<_>>()
+            (0..50)
+                .map(|_| {
+                    let id = s.sample(&logits());
+                    s.accept(id);
+                    id
+                })
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(&params), draw(&params));
         let other = SamplingParams {
@@ -295,6 +324,28 @@ mod tests {
             ..params.clone()
         };
         assert_ne!(draw(&params), draw(&other));
+    }
+
+    #[test]
+    fn a_resumed_sampler_continues_the_same_sequence() {
+        let params = SamplingParams {
+            seed: Some(9),
+            temperature: 1.5,
+            ..Default::default()
+        };
+        let mut s = Sampler::new(params.clone(), &[1, 2]).unwrap();
+        let mut out = Vec::new();
+        for _ in 0..30 {
+            let id = s.sample(&logits());
+            s.accept(id);
+            out.push(id);
+        }
+        let mut r = Sampler::resume(params, &[1, 2], &out[..17]).unwrap();
+        for &want in &out[17..] {
+            let id = r.sample(&logits());
+            r.accept(id);
+            assert_eq!(id, want);
+        }
     }
 
     #[test]
@@ -336,7 +387,9 @@ mod tests {
         )
         .unwrap();
         for _ in 0..200 {
-            assert!([1, 4].contains(&s.sample(&logits())));
+            let id = s.sample(&logits());
+            s.accept(id);
+            assert!([1, 4].contains(&id));
         }
     }
 
@@ -351,7 +404,13 @@ mod tests {
         )
         .unwrap();
         let l = [0.0f32, (3.0f32).ln()];
-        let ones = (0..20_000).filter(|_| s.sample(&l) == 1).count();
+        let ones = (0..20_000)
+            .filter(|_| {
+                let id = s.sample(&l);
+                s.accept(id);
+                id == 1
+            })
+            .count();
         let frac = ones as f64 / 20_000.0;
         assert!((frac - 0.75).abs() < 0.02, "{frac}");
     }

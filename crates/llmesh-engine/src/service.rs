@@ -269,7 +269,7 @@ fn worker(rx: &Mutex<StdReceiver<Job>>, shard: &Shard, handle: &ModelHandle, cou
         }
         counters.running.fetch_add(1, SeqCst);
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let mut runner = LocalRunner::new(shard)?;
+            let mut runner = LocalRunner::new(shard, &job.req)?;
             generate(&mut runner, &handle.tokenizer, &job.req, &mut |ev| {
                 job.events
                     .blocking_send(JobEvent::Token(ev.clone()))

@@ -23,7 +23,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
         req.sampling = sampling.clone();
         req.stop = args.sampling.stop.clone();
         req.stop_ids = files.eos_ids().to_vec();
-        let mut runner = LocalRunner::new(&shard)?;
+        let mut runner = LocalRunner::new(&shard, &req)?;
         let mut stdout = std::io::stdout().lock();
         let g = generate(&mut runner, files.tokenizer(), &req, &mut |ev| {
             stdout

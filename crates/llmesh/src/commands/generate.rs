@@ -17,7 +17,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     req.stop = args.sampling.stop.clone();
     req.stop_ids = files.eos_ids().to_vec();
     req.logprobs = args.logprobs;
-    let mut runner = LocalRunner::new(&shard)?;
+    let mut runner = LocalRunner::new(&shard, &req)?;
     let stdout = std::io::stdout();
     let out = if args.json {
         generate(&mut runner, tokenizer, &req, &mut |_| true)?
