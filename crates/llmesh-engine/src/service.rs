@@ -5,6 +5,8 @@
 //! A request's events come back over a bounded channel; when the receiver is dropped (the client
 //! went away) the worker stops generating at the next token and frees the request's cache.
 
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::mpsc::{Receiver as StdReceiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 
@@ -13,7 +15,7 @@ use tokio::sync::mpsc;
 
 use crate::chat_template::ChatTemplate;
 use crate::error::Error;
-use crate::generate::{GenerateRequest, Generation, LocalRunner, TokenEvent, generate};
+use crate::generate::{GenerateRequest, Generation, LocalRunner, StepRunner, TokenEvent, generate};
 use crate::model::Shard;
 use crate::model_files::ModelFiles;
 use crate::tokenizer::Tokenizer;
@@ -143,6 +145,21 @@ pub struct TopologyReport {
     pub nodes: Vec<NodeReport>,
     /// Links between nodes (empty for a single node).
     pub links: Vec<serde_json::Value>,
+    /// The pipeline requests take, in order (empty when the model runs whole on this node).
+    pub plan: Vec<PlanHopReport>,
+}
+
+/// One hop of the plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanHopReport {
+    /// Node id.
+    pub node: String,
+    /// Node name.
+    pub name: String,
+    /// First layer.
+    pub start: usize,
+    /// One past the last layer.
+    pub end: usize,
 }
 
 /// Health as the API reports it.
@@ -178,6 +195,13 @@ pub trait InferenceService: Send + Sync + 'static {
     fn health(&self) -> Health;
 }
 
+/// Makes the runner of one request: the whole model in this process, or a pipeline across
+/// nodes.
+pub trait RunnerFactory: Send + Sync + 'static {
+    /// A runner set up for `req`.
+    fn runner<'a>(&'a self, req: &GenerateRequest) -> Result<Box<dyn StepRunner + 'a>, Error>;
+}
+
 struct Job {
     req: GenerateRequest,
     events: mpsc::Sender<JobEvent>,
@@ -185,69 +209,89 @@ struct Job {
 
 #[derive(Default)]
 struct Counters {
-    running: std::sync::atomic::AtomicUsize,
-    queued: std::sync::atomic::AtomicUsize,
-    alive: std::sync::atomic::AtomicUsize,
+    running: AtomicUsize,
+    queued: AtomicUsize,
+    alive: AtomicUsize,
 }
 
-/// A whole model in this process, served by a pool of worker threads.
-pub struct LocalService {
-    handle: Arc<ModelHandle>,
-    shard: Arc<Shard>,
+/// A fixed set of worker threads, each generating one request at a time, behind a bounded queue.
+pub struct WorkerPool {
     queue: SyncSender<Job>,
     queue_capacity: usize,
     counters: Arc<Counters>,
-    node_name: String,
 }
 
 /// Events buffered per request before a slow client holds its worker back.
 const EVENT_BUFFER: usize = 256;
 
-impl LocalService {
-    /// Serves `shard` (all layers) with `workers` requests at once and up to `queue` waiting.
+impl WorkerPool {
+    /// `workers` threads taking requests from a queue of `queue` places.
     pub fn new(
-        handle: ModelHandle,
-        shard: Shard,
+        factory: Arc<dyn RunnerFactory>,
+        tokenizer: Tokenizer,
         workers: usize,
         queue: usize,
-        node_name: String,
     ) -> Self {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(queue);
         let rx = Arc::new(Mutex::new(rx));
-        let handle = Arc::new(handle);
-        let shard = Arc::new(shard);
+        let tokenizer = Arc::new(tokenizer);
         let counters = Arc::new(Counters::default());
         for i in 0..workers.max(1) {
             let rx = rx.clone();
-            let shard = shard.clone();
-            let handle = handle.clone();
+            let factory = factory.clone();
+            let tokenizer = tokenizer.clone();
             let worker_counters = counters.clone();
-            counters
-                .alive
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            counters.alive.fetch_add(1, SeqCst);
             let spawned = std::thread::Builder::new()
                 .name(format!("llmesh-worker-{i}"))
-                .spawn(move || worker(&rx, &shard, &handle, &worker_counters));
+                .spawn(move || worker(&rx, factory.as_ref(), &tokenizer, &worker_counters));
             if let Err(e) = spawned {
                 tracing::error!("could not start worker thread: {e}");
-                counters
-                    .alive
-                    .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                counters.alive.fetch_sub(1, SeqCst);
             }
         }
-        LocalService {
-            handle,
-            shard,
+        WorkerPool {
             queue: tx,
             queue_capacity: queue,
             counters,
-            node_name,
+        }
+    }
+
+    /// Queues a request.
+    pub fn submit(&self, req: GenerateRequest) -> Result<mpsc::Receiver<JobEvent>, SubmitError> {
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        self.counters.queued.fetch_add(1, SeqCst);
+        match self.queue.try_send(Job { req, events: tx }) {
+            Ok(()) => Ok(rx),
+            Err(TrySendError::Full(_)) => {
+                self.counters.queued.fetch_sub(1, SeqCst);
+                Err(SubmitError::Overloaded(self.queue_capacity))
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.counters.queued.fetch_sub(1, SeqCst);
+                Err(SubmitError::Unavailable("the workers have stopped".into()))
+            }
+        }
+    }
+
+    /// Running and waiting requests, and whether any worker is alive.
+    pub fn health(&self) -> Health {
+        let alive = self.counters.alive.load(SeqCst);
+        Health {
+            ok: alive > 0,
+            running: self.counters.running.load(SeqCst),
+            queued: self.counters.queued.load(SeqCst),
+            reason: (alive == 0).then(|| "no worker is running".to_string()),
         }
     }
 }
 
-fn worker(rx: &Mutex<StdReceiver<Job>>, shard: &Shard, handle: &ModelHandle, counters: &Counters) {
-    use std::sync::atomic::Ordering::SeqCst;
+fn worker(
+    rx: &Mutex<StdReceiver<Job>>,
+    factory: &dyn RunnerFactory,
+    tokenizer: &Tokenizer,
+    counters: &Counters,
+) {
     struct Alive<'a>(&'a Counters);
     impl Drop for Alive<'_> {
         fn drop(&mut self) {
@@ -269,8 +313,8 @@ fn worker(rx: &Mutex<StdReceiver<Job>>, shard: &Shard, handle: &ModelHandle, cou
         }
         counters.running.fetch_add(1, SeqCst);
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let mut runner = LocalRunner::new(shard, &job.req)?;
-            generate(&mut runner, &handle.tokenizer, &job.req, &mut |ev| {
+            let mut runner = factory.runner(&job.req)?;
+            generate(runner.as_mut(), tokenizer, &job.req, &mut |ev| {
                 job.events
                     .blocking_send(JobEvent::Token(ev.clone()))
                     .is_ok()
@@ -288,6 +332,47 @@ fn worker(rx: &Mutex<StdReceiver<Job>>, shard: &Shard, handle: &ModelHandle, cou
     }
 }
 
+struct LocalFactory(Arc<Shard>);
+
+impl RunnerFactory for LocalFactory {
+    fn runner<'a>(&'a self, req: &GenerateRequest) -> Result<Box<dyn StepRunner + 'a>, Error> {
+        Ok(Box::new(LocalRunner::new(&self.0, req)?))
+    }
+}
+
+/// A whole model in this process, served by a pool of worker threads.
+pub struct LocalService {
+    handle: Arc<ModelHandle>,
+    shard: Arc<Shard>,
+    pool: WorkerPool,
+    node_name: String,
+}
+
+impl LocalService {
+    /// Serves `shard` (all layers) with `workers` requests at once and up to `queue` waiting.
+    pub fn new(
+        handle: ModelHandle,
+        shard: Shard,
+        workers: usize,
+        queue: usize,
+        node_name: String,
+    ) -> Self {
+        let shard = Arc::new(shard);
+        let pool = WorkerPool::new(
+            Arc::new(LocalFactory(shard.clone())),
+            handle.tokenizer.clone(),
+            workers,
+            queue,
+        );
+        LocalService {
+            handle: Arc::new(handle),
+            shard,
+            pool,
+            node_name,
+        }
+    }
+}
+
 impl InferenceService for LocalService {
     fn models(&self) -> Vec<Arc<ModelHandle>> {
         vec![self.handle.clone()]
@@ -298,23 +383,10 @@ impl InferenceService for LocalService {
         model: &str,
         req: GenerateRequest,
     ) -> Result<mpsc::Receiver<JobEvent>, SubmitError> {
-        use std::sync::atomic::Ordering::SeqCst;
         if model != self.handle.id {
             return Err(SubmitError::UnknownModel(model.to_string()));
         }
-        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-        self.counters.queued.fetch_add(1, SeqCst);
-        match self.queue.try_send(Job { req, events: tx }) {
-            Ok(()) => Ok(rx),
-            Err(TrySendError::Full(_)) => {
-                self.counters.queued.fetch_sub(1, SeqCst);
-                Err(SubmitError::Overloaded(self.queue_capacity))
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                self.counters.queued.fetch_sub(1, SeqCst);
-                Err(SubmitError::Unavailable("the workers have stopped".into()))
-            }
-        }
+        self.pool.submit(req)
     }
 
     fn topology(&self) -> TopologyReport {
@@ -337,17 +409,11 @@ impl InferenceService for LocalService {
                 }],
             }],
             links: Vec::new(),
+            plan: Vec::new(),
         }
     }
 
     fn health(&self) -> Health {
-        use std::sync::atomic::Ordering::SeqCst;
-        let alive = self.counters.alive.load(SeqCst);
-        Health {
-            ok: alive > 0,
-            running: self.counters.running.load(SeqCst),
-            queued: self.counters.queued.load(SeqCst),
-            reason: (alive == 0).then(|| "no worker is running".to_string()),
-        }
+        self.pool.health()
     }
 }
