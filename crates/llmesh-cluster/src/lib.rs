@@ -1,0 +1,4 @@
+//! The llmesh cluster.
+#![deny(missing_docs)]
+
+pub mod partition;
