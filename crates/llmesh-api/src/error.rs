@@ -123,6 +123,7 @@ pub fn from_engine(e: &llmesh_engine::Error, param: &str) -> ApiError {
             ApiError::invalid_code(e.to_string(), Some(param), "context_length_exceeded")
         }
         E::Invalid(msg) => ApiError::invalid(msg.clone(), None),
+        E::Unavailable(msg) => ApiError::unavailable(msg.clone()),
         E::Template(msg) => ApiError::invalid(
             format!("the chat template failed on these messages: {msg}"),
             Some("messages".into()),

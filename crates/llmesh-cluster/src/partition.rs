@@ -58,7 +58,10 @@ pub struct Plan {
 impl Plan {
     /// The range `node` holds, if it is in the plan.
     pub fn range_of(&self, node: &str) -> Option<(usize, usize)> {
-        self.hops.iter().find(|h| h.node == node).map(|h| (h.start, h.end))
+        self.hops
+            .iter()
+            .find(|h| h.node == node)
+            .map(|h| (h.start, h.end))
     }
 
     /// Estimated seconds per token of this plan on `nodes`, with `hop_seconds` per boundary.
@@ -67,7 +70,10 @@ impl Plan {
             .hops
             .iter()
             .map(|h| {
-                let spl = nodes.iter().find(|n| n.id == h.node).map_or(0.0, |n| n.seconds_per_layer);
+                let spl = nodes
+                    .iter()
+                    .find(|n| n.id == h.node)
+                    .map_or(0.0, |n| n.seconds_per_layer);
                 spl * (h.end - h.start) as f64
             })
             .sum();
@@ -127,7 +133,12 @@ fn gib(b: u64) -> String {
 
 /// Computes the plan. `hop_seconds` is the estimated cost of passing activations between two
 /// nodes for one token.
-pub fn plan(model: &ModelSpec, nodes: &[NodeSpec], strategy: Strategy, hop_seconds: f64) -> Result<Plan, PlanError> {
+pub fn plan(
+    model: &ModelSpec,
+    nodes: &[NodeSpec],
+    strategy: Strategy,
+    hop_seconds: f64,
+) -> Result<Plan, PlanError> {
     if nodes.is_empty() || model.layers == 0 {
         return Err(PlanError::NoNodes);
     }
@@ -148,7 +159,11 @@ fn per_layer(model: &ModelSpec) -> u64 {
 fn does_not_fit(model: &ModelSpec, nodes: &[NodeSpec]) -> PlanError {
     let needed = per_layer(model) * model.layers as u64 + model.first_bytes + model.last_bytes;
     let available: u64 = nodes.iter().map(|n| n.memory).sum();
-    let missing = if available >= needed { per_layer(model) } else { needed - available };
+    let missing = if available >= needed {
+        per_layer(model)
+    } else {
+        needed - available
+    };
     PlanError::DoesNotFit {
         needed,
         available,
@@ -193,7 +208,10 @@ fn memory_weighted(model: &ModelSpec, nodes: &[NodeSpec]) -> Option<Plan> {
     }
     let n = model.layers;
     // Largest remainder: floor shares, then hand out the rest by largest fraction (ties by id).
-    let mut counts: Vec<usize> = nodes.iter().map(|m| ((u128::from(m.memory) * n as u128) / total) as usize).collect();
+    let mut counts: Vec<usize> = nodes
+        .iter()
+        .map(|m| ((u128::from(m.memory) * n as u128) / total) as usize)
+        .collect();
     let mut rest: Vec<(u128, usize)> = nodes
         .iter()
         .enumerate()
@@ -212,11 +230,20 @@ fn memory_weighted(model: &ModelSpec, nodes: &[NodeSpec]) -> Option<Plan> {
 }
 
 fn fix_overflow(model: &ModelSpec, nodes: &[&NodeSpec], counts: &mut [usize]) -> Option<()> {
-    let active = |counts: &[usize]| -> Vec<usize> { (0..counts.len()).filter(|&i| counts[i] > 0).collect() };
+    let active =
+        |counts: &[usize]| -> Vec<usize> { (0..counts.len()).filter(|&i| counts[i] > 0).collect() };
     for _ in 0..model.layers * nodes.len() + 1 {
         let act = active(counts);
-        let caps: Vec<usize> = act.iter().enumerate().map(|(pos, &i)| capacity(model, nodes[i], pos, act.len())).collect();
-        let over = act.iter().zip(&caps).find(|(i, c)| counts[**i] > **c).map(|(i, _)| *i);
+        let caps: Vec<usize> = act
+            .iter()
+            .enumerate()
+            .map(|(pos, &i)| capacity(model, nodes[i], pos, act.len()))
+            .collect();
+        let over = act
+            .iter()
+            .zip(&caps)
+            .find(|(i, c)| counts[**i] > **c)
+            .map(|(i, _)| *i);
         let Some(i) = over else { return Some(()) };
         let room = |j: usize| {
             let pos = act.iter().position(|&x| x == j);
@@ -241,7 +268,9 @@ fn latency(model: &ModelSpec, nodes: &[NodeSpec], hop_seconds: f64) -> Option<Pl
     let mut best: Option<(f64, usize, Vec<usize>, Plan)> = None;
     let mut consider = |subset: Vec<usize>| {
         let chosen = pipeline_order(model, subset.iter().map(|&i| &nodes[i]).collect());
-        let Some(counts) = fill_by_speed(model, &chosen) else { return };
+        let Some(counts) = fill_by_speed(model, &chosen) else {
+            return;
+        };
         let plan = layout(&chosen, &counts);
         if plan.hops.len() != chosen.len() {
             return; // a node with no layers is not part of this subset's plan
@@ -266,7 +295,12 @@ fn latency(model: &ModelSpec, nodes: &[NodeSpec], hop_seconds: f64) -> Option<Pl
     } else {
         // Too many subsets: the fastest k nodes for each k.
         let mut by_speed: Vec<usize> = (0..n).collect();
-        by_speed.sort_by(|&a, &b| nodes[a].seconds_per_layer.total_cmp(&nodes[b].seconds_per_layer).then(a.cmp(&b)));
+        by_speed.sort_by(|&a, &b| {
+            nodes[a]
+                .seconds_per_layer
+                .total_cmp(&nodes[b].seconds_per_layer)
+                .then(a.cmp(&b))
+        });
         for k in 1..=n {
             let mut s = by_speed[..k].to_vec();
             s.sort();
@@ -281,7 +315,11 @@ fn latency(model: &ModelSpec, nodes: &[NodeSpec], hop_seconds: f64) -> Option<Pl
 /// The order does not change the time per token, only which node pays for those bytes.
 fn pipeline_order<'a>(model: &ModelSpec, mut chosen: Vec<&'a NodeSpec>) -> Vec<&'a NodeSpec> {
     let k = chosen.len();
-    chosen.sort_by(|a, b| a.seconds_per_layer.total_cmp(&b.seconds_per_layer).then(a.id.cmp(&b.id)));
+    chosen.sort_by(|a, b| {
+        a.seconds_per_layer
+            .total_cmp(&b.seconds_per_layer)
+            .then(a.id.cmp(&b.id))
+    });
     let extra = |pos: usize| {
         let mut e = 0;
         if pos == 0 {
@@ -309,13 +347,18 @@ fn fill_by_speed(model: &ModelSpec, nodes: &[&NodeSpec]) -> Option<Vec<usize>> {
         return None;
     }
     let caps: Vec<usize> = (0..k).map(|i| capacity(model, nodes[i], i, k)).collect();
-    if caps.iter().any(|&c| c == 0) || caps.iter().sum::<usize>() < model.layers {
+    if caps.contains(&0) || caps.iter().sum::<usize>() < model.layers {
         return None;
     }
     let mut counts = vec![1usize; k];
     let mut left = model.layers - k;
     let mut order: Vec<usize> = (0..k).collect();
-    order.sort_by(|&a, &b| nodes[a].seconds_per_layer.total_cmp(&nodes[b].seconds_per_layer).then(nodes[a].id.cmp(&nodes[b].id)));
+    order.sort_by(|&a, &b| {
+        nodes[a]
+            .seconds_per_layer
+            .total_cmp(&nodes[b].seconds_per_layer)
+            .then(nodes[a].id.cmp(&nodes[b].id))
+    });
     for i in order {
         let take = (caps[i] - counts[i]).min(left);
         counts[i] += take;
@@ -370,7 +413,12 @@ mod tests {
             if i + 1 == k {
                 bytes += model.last_bytes;
             }
-            assert!(bytes <= n.memory, "{} holds {bytes} > {}: {plan:?}", n.id, n.memory);
+            assert!(
+                bytes <= n.memory,
+                "{} holds {bytes} > {}: {plan:?}",
+                n.id,
+                n.memory
+            );
         }
     }
 
@@ -418,7 +466,10 @@ mod tests {
             shuffled.reverse();
             shuffled.rotate_left(rng.random_range(0..nodes.len()));
             for strategy in [Strategy::Latency, Strategy::MemoryWeighted] {
-                assert_eq!(plan(&m, &nodes, strategy, 0.002), plan(&m, &shuffled, strategy, 0.002));
+                assert_eq!(
+                    plan(&m, &nodes, strategy, 0.002),
+                    plan(&m, &shuffled, strategy, 0.002)
+                );
             }
         }
     }
@@ -429,12 +480,26 @@ mod tests {
         for _ in 0..2000 {
             let m = model(rng.random_range(2..=64));
             let mem = rng.random_range(1..=16) * GIB / 2;
-            let (fast, slow) = (rng.random_range(1..50) as f64 * 1e-4, rng.random_range(50..100) as f64 * 1e-4);
+            let (fast, slow) = (
+                rng.random_range(1..50) as f64 * 1e-4,
+                rng.random_range(50..100) as f64 * 1e-4,
+            );
             let mut nodes = vec![node("a", mem, fast), node("b", mem, slow)];
             for i in 0..rng.random_range(0..3) {
-                nodes.push(node(&format!("c{i}"), rng.random_range(1..=16) * GIB / 2, rng.random_range(1..100) as f64 * 1e-4));
+                nodes.push(node(
+                    &format!("c{i}"),
+                    rng.random_range(1..=16) * GIB / 2,
+                    rng.random_range(1..100) as f64 * 1e-4,
+                ));
             }
-            let Ok(p) = plan(&m, &nodes, Strategy::Latency, rng.random_range(0..5) as f64 * 1e-3) else { continue };
+            let Ok(p) = plan(
+                &m,
+                &nodes,
+                Strategy::Latency,
+                rng.random_range(0..5) as f64 * 1e-3,
+            ) else {
+                continue;
+            };
             let layers = |id: &str| p.range_of(id).map_or(0, |(s, e)| e - s);
             assert!(layers("a") >= layers("b"), "{p:?} with {nodes:?}");
         }
@@ -454,8 +519,16 @@ mod tests {
 
     #[test]
     fn memory_weighted_splits_by_memory() {
-        let m = ModelSpec { first_bytes: 0, last_bytes: 0, ..model(12) };
-        let nodes = [node("a", 4 * GIB, 1e-3), node("b", 2 * GIB, 1e-3), node("c", 2 * GIB, 1e-3)];
+        let m = ModelSpec {
+            first_bytes: 0,
+            last_bytes: 0,
+            ..model(12)
+        };
+        let nodes = [
+            node("a", 4 * GIB, 1e-3),
+            node("b", 2 * GIB, 1e-3),
+            node("c", 2 * GIB, 1e-3),
+        ];
         let p = plan(&m, &nodes, Strategy::MemoryWeighted, 0.0).unwrap();
         let sizes: Vec<usize> = p.hops.iter().map(|h| h.end - h.start).collect();
         assert_eq!(sizes, vec![6, 3, 3]);
@@ -465,7 +538,9 @@ mod tests {
     fn a_model_that_fits_nowhere_names_the_shortfall() {
         let m = model(40);
         let nodes = [node("a", GIB, 1e-3), node("b", GIB, 1e-3)];
-        let err = plan(&m, &nodes, Strategy::Latency, 0.001).unwrap_err().to_string();
+        let err = plan(&m, &nodes, Strategy::Latency, 0.001)
+            .unwrap_err()
+            .to_string();
         // 40 × 208 MiB + 500 MiB = 8.61 GiB needed, 2 GiB available.
         assert_eq!(
             err,

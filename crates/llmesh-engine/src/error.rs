@@ -91,6 +91,9 @@ pub enum Error {
     /// A caller passed an invalid argument (sampling settings, input shapes, ...).
     #[error("{0}")]
     Invalid(String),
+    /// The model cannot run now (a cluster lost too many nodes, or is still loading).
+    #[error("{0}")]
+    Unavailable(String),
     /// A tensor operation failed.
     #[error("tensor computation failed: {0}")]
     Compute(#[from] candle_core::Error),

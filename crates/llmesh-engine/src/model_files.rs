@@ -33,6 +33,7 @@ pub struct ModelFiles {
     tokenizer: Tokenizer,
     chat_template: Option<String>,
     eos_ids: Vec<u32>,
+    f32_weights: bool,
 }
 
 impl ModelFiles {
@@ -91,7 +92,18 @@ impl ModelFiles {
             }
         }
         eos_ids.extend_from_slice(tokenizer.eos_ids());
+        let f32_weights = std::fs::read_to_string(&config_path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| {
+                v.get("torch_dtype")
+                    .or_else(|| v.get("dtype"))
+                    .and_then(Value::as_str)
+                    .map(|d| d == "float32")
+            })
+            .unwrap_or(false);
         Ok(ModelFiles {
+            f32_weights,
             path: dir.to_path_buf(),
             format: ModelFormat::HuggingFace,
             config: Arc::new(config),
@@ -112,7 +124,13 @@ impl ModelFiles {
             .map(str::to_string);
         let mut eos_ids = config.eos_token_ids.clone();
         eos_ids.extend_from_slice(tokenizer.eos_ids());
+        let f32_weights = source
+            .header()
+            .tensors
+            .get(&crate::weights::WeightName::Layer(0, crate::weights::LayerWeight::Q).gguf())
+            .is_some_and(|t| t.dtype == candle_core::quantized::GgmlDType::F32);
         Ok(ModelFiles {
+            f32_weights,
             path: path.to_path_buf(),
             format: ModelFormat::Gguf,
             config: Arc::new(config),
@@ -125,6 +143,12 @@ impl ModelFiles {
     /// Where the model is.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether the weights are stored as 32-bit floats (activations between nodes then travel
+    /// as f32 too, so a split model computes exactly what the whole one does).
+    pub fn f32_weights(&self) -> bool {
+        self.f32_weights
     }
 
     /// Its file format.

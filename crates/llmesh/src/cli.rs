@@ -52,9 +52,48 @@ pub struct RunArgs {
     /// This node's name in the cluster panel (default: the host name).
     #[arg(long)]
     pub node_name: Option<String>,
-    /// Where llmesh keeps its state (the demo model, later the node identity).
+    /// Where llmesh keeps its state: node identity, cluster key, the demo model, measurements.
     #[arg(long, env = "LLMESH_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Peer-to-peer address to listen on (`host:port` or a multiaddr).
+    #[arg(long, default_value = "0.0.0.0:47480")]
+    pub listen: Vec<String>,
+    /// Another node to connect to, `host:port` or a multiaddr (repeatable; for other subnets,
+    /// VPNs, or networks without multicast).
+    #[arg(long)]
+    pub peer: Vec<String>,
+    /// The cluster's shared secret (default: the one saved in the data directory, created on
+    /// first run).
+    #[arg(long, env = "LLMESH_CLUSTER_KEY", conflicts_with = "cluster_key_file")]
+    pub cluster_key: Option<String>,
+    /// A file holding the cluster key.
+    #[arg(long)]
+    pub cluster_key_file: Option<PathBuf>,
+    /// Memory this node may use for weights and KV cache (bytes, or with KiB/MiB/GiB/KB/MB/GB;
+    /// default: 90% of the memory available at start).
+    #[arg(long)]
+    pub memory_limit: Option<String>,
+    /// Do not look for peers with mDNS (only --peer addresses).
+    #[arg(long)]
+    pub no_discovery: bool,
+    /// How to split the model: latency (fastest time per token) or memory-weighted.
+    #[arg(long, default_value = "latency")]
+    pub partitioner: String,
+    /// Activations between nodes as f32, f16 or bf16 (default: f32 for f32 models, else f16).
+    #[arg(long)]
+    pub wire_dtype: Option<String>,
+    /// Tokens of KV cache each node reserves memory for.
+    #[arg(long, default_value_t = 4096)]
+    pub kv_cache_tokens: usize,
+    /// Estimated seconds a hop between nodes adds per token (for the latency partitioner).
+    #[arg(long, default_value_t = 0.002)]
+    pub hop_cost: f64,
+    /// Seconds the set of nodes must stay unchanged before re-planning.
+    #[arg(long, default_value_t = 1.0)]
+    pub settle: f64,
+    /// Use this speed (seconds per layer per token) instead of measuring it (for simulations).
+    #[arg(long, hide = true)]
+    pub speed: Option<f64>,
 }
 
 #[derive(Debug, Args)]

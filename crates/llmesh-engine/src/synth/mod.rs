@@ -351,7 +351,13 @@ pub fn make_model(spec: &SynthSpec, out: &Path) -> Result<SynthModel> {
             *t = t.to_dtype(dt)?.to_dtype(candle_core::DType::F32)?;
         }
     }
-    write_json(&out.join("config.json"), &config.to_hf_json())?;
+    let mut config_json = config.to_hf_json();
+    config_json["torch_dtype"] = json!(match spec.dtype {
+        StDtype::F32 => "float32",
+        StDtype::F16 => "float16",
+        StDtype::BF16 => "bfloat16",
+    });
+    write_json(&out.join("config.json"), &config_json)?;
     let mut gen_config = json!({"eos_token_id": built.eos_ids});
     if let Some(bos) = built.bos_id {
         gen_config["bos_token_id"] = json!(bos);

@@ -1,12 +1,19 @@
-//! `llmesh run`: load a model (or make the demo model) and serve the API and chat page until
+//! `llmesh run`: start a node. It loads (or makes) the model description, joins the cluster
+//! (mDNS and --peer), loads the layers the plan gives it, and serves the API and chat page until
 //! Ctrl-C or SIGTERM.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use llmesh_api::AppState;
-use llmesh_engine::service::{LocalService, ModelHandle};
+use llmesh_cluster::key::ClusterKey;
+use llmesh_cluster::net::parse_address;
+use llmesh_cluster::partition::Strategy;
+use llmesh_cluster::wire::WireDtype;
+use llmesh_cluster::{Node, NodeConfig};
+use llmesh_engine::service::ModelHandle;
 use llmesh_engine::synth::{SynthSpec, make_model};
 use llmesh_engine::{Architecture, ModelFiles};
 
@@ -33,11 +40,37 @@ fn demo_model(data: &std::path::Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// Parses `8GiB`, `512 MiB`, `2.5GB`, `1000000`.
+pub fn parse_bytes(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .with_context(|| format!("`{s}` is not a size (try 8GiB or 512MiB)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024f64.powi(4),
+        other => bail!("`{other}` in `{s}` is not a size unit (use KiB, MiB, GiB, KB, MB or GB)"),
+    };
+    Ok((n * mult) as u64)
+}
+
 pub fn run(args: RunArgs) -> Result<()> {
     llmesh_engine::threads::set_compute_threads(args.threads)?;
+    let data = data_dir(args.data_dir.clone());
     let (path, demo) = match &args.model {
         Some(p) => (p.clone(), false),
-        None => (demo_model(&data_dir(args.data_dir.clone()))?, true),
+        None => (demo_model(&data)?, true),
     };
     let files = ModelFiles::open(&path)?;
     let id = if demo {
@@ -45,15 +78,42 @@ pub fn run(args: RunArgs) -> Result<()> {
     } else {
         files.name()
     };
-    let shard = files
-        .load_full()
-        .with_context(|| format!("loading {}", path.display()))?;
     let mut handle = ModelHandle::from_files(&id, &files);
     handle.meta["demo"] = demo.into();
+    let (cluster_key, new_key) = match (&args.cluster_key, &args.cluster_key_file) {
+        (Some(k), _) => (ClusterKey::new(k).context("--cluster-key")?, false),
+        (None, Some(f)) => (ClusterKey::from_file(f)?, false),
+        (None, None) => ClusterKey::load_or_create(&data)?,
+    };
+    let keypair = llmesh_cluster::identity::load_or_create(&data)?;
+    let listen = args
+        .listen
+        .iter()
+        .map(|l| parse_address(l).map_err(|e| anyhow::anyhow!("--listen: {e}")))
+        .collect::<Result<Vec<_>>>()?;
+    let peers = args
+        .peer
+        .iter()
+        .map(|p| parse_address(p).map_err(|e| anyhow::anyhow!("--peer: {e}")))
+        .collect::<Result<Vec<_>>>()?;
+    let memory_budget = match &args.memory_limit {
+        Some(s) => parse_bytes(s).context("--memory-limit")?,
+        None => llmesh_engine::system::available_memory_bytes().map_or(8 << 30, |a| a / 10 * 9),
+    };
+    let strategy = Strategy::from_name(&args.partitioner).ok_or_else(|| {
+        anyhow::anyhow!(
+            "--partitioner `{}` is not latency or memory-weighted",
+            args.partitioner
+        )
+    })?;
+    let wire_dtype = match &args.wire_dtype {
+        Some(w) => Some(
+            WireDtype::from_name(w)
+                .ok_or_else(|| anyhow::anyhow!("--wire-dtype `{w}` is not f32, f16 or bf16"))?,
+        ),
+        None => None,
+    };
     let node_name = args.node_name.clone().unwrap_or_else(hostname);
-    let weight_mib = shard.weight_bytes() as f64 / (1 << 20) as f64;
-    let service = LocalService::new(handle, shard, args.parallel, args.queue, node_name);
-    let state = AppState::new(Arc::new(service), args.api_key.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -64,14 +124,48 @@ pub fn run(args: RunArgs) -> Result<()> {
             .with_context(|| format!("cannot listen on {addr} (is another server using the port? try --port)"))?;
         let local = listener.local_addr()?;
         let host = if local.ip().is_unspecified() { "localhost".to_string() } else { local.ip().to_string() };
-        println!("llmesh serving `{id}` ({weight_mib:.1} MiB of weights) at http://{host}:{}", local.port());
-        println!("  chat page: http://{host}:{}/   API: http://{host}:{}/v1", local.port(), local.port());
+        let http = format!("http://{host}:{}", local.port());
+        let node = Node::start(NodeConfig {
+            files: Arc::new(files),
+            handle,
+            data_dir: data.clone(),
+            keypair,
+            cluster_key: cluster_key.clone(),
+            listen,
+            peers,
+            mdns: !args.no_discovery,
+            memory_budget,
+            name: node_name,
+            strategy,
+            hop_seconds: args.hop_cost,
+            wire_dtype,
+            kv_tokens: args.kv_cache_tokens,
+            parallel: args.parallel,
+            queue: args.queue,
+            http: Some(http.clone()),
+            settle: Duration::from_secs_f64(args.settle.max(0.0)),
+            speed_override: args.speed,
+            plan_wait: Duration::from_secs(120),
+        })
+        .map_err(|e| anyhow::anyhow!(e))?;
+        println!("llmesh serving `{id}` at {http}");
+        println!("  chat page: {http}/   API: {http}/v1");
+        println!("  node {} · cluster key fingerprint {}", node.peer_id(), cluster_key.fingerprint());
         if demo {
             println!("  `demo` is a tiny random model: its replies are noise. Serve a real one with `llmesh run --model path/to/model.gguf`.");
+        }
+        if new_key {
+            println!("  a new cluster key was saved in {}", data.join("cluster.key").display());
+            println!(
+                "  to add another device, run there: llmesh run{} --cluster-key {}",
+                args.model.as_ref().map(|p| format!(" --model {}", p.display())).unwrap_or_default(),
+                cluster_key.as_str()
+            );
         }
         if args.api_key.is_some() {
             println!("  API key required: send `Authorization: Bearer <key>`");
         }
+        let state = AppState::new(Arc::new(node), args.api_key.clone());
         llmesh_api::serve(listener, state, shutdown_signal()).await?;
         println!("llmesh stopped");
         anyhow::Ok(())
@@ -107,4 +201,17 @@ async fn shutdown_signal() {
         _ = term => {},
     }
     tracing::info!("shutting down: finishing requests in flight");
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(super::parse_bytes("8GiB").unwrap(), 8 << 30);
+        assert_eq!(super::parse_bytes("512 MiB").unwrap(), 512 << 20);
+        assert_eq!(super::parse_bytes("2.5GB").unwrap(), 2_500_000_000);
+        assert_eq!(super::parse_bytes("1000").unwrap(), 1000);
+        assert!(super::parse_bytes("lots").is_err());
+        assert!(super::parse_bytes("3 parsecs").is_err());
+    }
 }

@@ -1,0 +1,431 @@
+//! The request pipeline. An entry node sends each step of a request along the plan: every hop
+//! runs its layers on the step and passes the activations to the next hop (source-routed: the
+//! plan travels with the step); the last hop chooses the next token and the answer comes back
+//! down the chain. Each hop keeps the request's KV cache for its layers, keyed by (entry node,
+//! request id).
+//!
+//! When a hop fails, the entry node leaves the failed node out, waits for the plan the remaining
+//! nodes agree on, and replays the request — the prompt and the tokens produced so far — on it.
+//! The last hop's sampler is rebuilt from the same seed and the tokens so far, so the replayed
+//! request continues exactly where it was.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use llmesh_engine::generate::StepRunner;
+use llmesh_engine::head::{HeadSpec, SequenceHead, StepOutput};
+use llmesh_engine::service::RunnerFactory;
+use llmesh_engine::{Error, GenerateRequest, LogitsFor, ShardInput};
+
+use crate::node::{HopState, Inner, PlanState};
+use crate::partition::Plan;
+use crate::wire::{CtlRequest, StepError, StepRequest, StepResponse, decode_hidden, encode_hidden};
+
+/// Runs one step at this node (hop `req.hop` of the plan) and, unless it is the last hop, the
+/// rest of the pipeline after it.
+pub(crate) fn handle_step(inner: &Arc<Inner>, req: StepRequest) -> StepResponse {
+    if req.model != inner.advert.fingerprint {
+        return Err(StepError::NotReady(
+            "this node holds a different model".into(),
+        ));
+    }
+    let Some(hop) = req.plan.hops.get(req.hop as usize).cloned() else {
+        return Err(StepError::Failed(format!(
+            "hop {} is not in the plan",
+            req.hop
+        )));
+    };
+    if hop.node != inner.me_s {
+        return Err(StepError::Failed(
+            "a step for another node arrived here".into(),
+        ));
+    }
+    let shard = {
+        let slot = inner
+            .shard
+            .lock()
+            .map_err(|_| StepError::Failed("shard lock poisoned".into()))?;
+        match (&slot.shard, slot.range) {
+            (Some(s), Some(r)) if r == (hop.start, hop.end) => s.clone(),
+            _ => {
+                return Err(StepError::NotReady(format!(
+                    "{} holds layers {:?}, the plan needs {}..{}{}",
+                    inner.name,
+                    slot.range,
+                    hop.start,
+                    hop.end,
+                    if slot.loading { " (loading)" } else { "" }
+                )));
+            }
+        }
+    };
+    let key = (req.entry.clone(), req.request);
+    let taken = inner.states.lock().ok().and_then(|mut s| s.remove(&key));
+    let mut state = match taken {
+        Some(st) => st,
+        None if req.start_pos == 0 => HopState {
+            cache: shard.new_cache(),
+            head: None,
+            last_used: Instant::now(),
+        },
+        None => {
+            return Err(StepError::StateLost(format!(
+                "{} has no state for this request",
+                inner.name
+            )));
+        }
+    };
+    let start = req.start_pos as usize;
+    if start < state.cache.len() {
+        state.cache.truncate(start);
+    } else if start > state.cache.len() {
+        return Err(StepError::StateLost(format!(
+            "{} holds {} positions of this request, the step starts at {start}",
+            inner.name,
+            state.cache.len()
+        )));
+    }
+    if shard.is_last() {
+        if let Some(spec) = &req.head {
+            state.head =
+                Some(SequenceHead::new(spec).map_err(|e| StepError::Failed(e.to_string()))?);
+        }
+        if state.head.is_none() {
+            return Err(StepError::StateLost(
+                "the request's sampling state is missing".into(),
+            ));
+        }
+    }
+    let hidden = match &req.hidden {
+        Some(w) if !shard.is_first() => Some(decode_hidden(w).map_err(StepError::Failed)?),
+        None if shard.is_first() => None,
+        _ => {
+            return Err(StepError::Failed(
+                "the step carries the wrong input for this hop".into(),
+            ));
+        }
+    };
+    let input = match hidden {
+        Some(h) => ShardInput::Hidden(h),
+        None => ShardInput::Tokens(&req.tokens),
+    };
+    let mode = state
+        .head
+        .as_ref()
+        .map_or(LogitsFor::Last, SequenceHead::logits_for);
+    let out = shard
+        .forward(&mut state.cache, input, mode)
+        .map_err(|e| StepError::Failed(e.to_string()))?;
+    state.last_used = Instant::now();
+    if shard.is_last() {
+        let logits = out
+            .into_logits()
+            .map_err(|e| StepError::Failed(e.to_string()))?;
+        let result = state
+            .head
+            .as_mut()
+            .map(|h| h.process(&logits, &req.tokens, req.sample))
+            .unwrap_or_else(|| Err(Error::Invalid("no head".into())))
+            .map_err(|e| StepError::Failed(e.to_string()));
+        put_back(inner, key, state);
+        return result;
+    }
+    let hidden = out
+        .into_hidden()
+        .map_err(|e| StepError::Failed(e.to_string()))?;
+    put_back(inner, key, state);
+    let wire =
+        encode_hidden(&hidden, inner.wire_dtype).map_err(|e| StepError::Failed(e.to_string()))?;
+    let next_hop = req.hop as usize + 1;
+    let Some(next) = req.plan.hops.get(next_hop).cloned() else {
+        return Err(StepError::Failed(
+            "the plan ends before the last layer".into(),
+        ));
+    };
+    let next_req = StepRequest {
+        hop: next_hop as u32,
+        hidden: Some(wire),
+        ..req
+    };
+    forward(inner, &next.node, next_req)
+}
+
+fn put_back(inner: &Inner, key: (String, u64), state: HopState) {
+    if let Ok(mut s) = inner.states.lock() {
+        s.insert(key, state);
+    }
+}
+
+/// Sends a step to `node` (or runs it here) and turns transport failures into `Unreachable`.
+fn forward(inner: &Arc<Inner>, node: &str, req: StepRequest) -> StepResponse {
+    if node == inner.me_s {
+        return handle_step(inner, req);
+    }
+    let peer: PeerId = node
+        .parse()
+        .map_err(|_| StepError::Failed(format!("bad peer id {node}")))?;
+    match inner.net.step_blocking(peer, req) {
+        Ok(resp) => resp,
+        Err(e) => Err(StepError::Unreachable {
+            peer: node.to_string(),
+            detail: e.to_string(),
+        }),
+    }
+}
+
+/// Makes cluster runners for the worker pool.
+pub(crate) struct ClusterFactory(pub Weak<Inner>);
+
+impl RunnerFactory for ClusterFactory {
+    fn runner<'a>(&'a self, req: &GenerateRequest) -> Result<Box<dyn StepRunner + 'a>, Error> {
+        let inner = self
+            .0
+            .upgrade()
+            .ok_or_else(|| Error::Unavailable("the node is shutting down".into()))?;
+        let mut spec = req.head_spec();
+        // Fix the seed now: a replay on another node must draw the same numbers.
+        if spec.sampling.seed.is_none() {
+            use rand::Rng;
+            spec.sampling.seed = Some(rand::rng().random());
+        }
+        Ok(Box::new(ClusterRunner {
+            request: inner.next_request.fetch_add(1, Ordering::SeqCst),
+            inner,
+            spec,
+            plan: None,
+            history: Vec::new(),
+            generated: Vec::new(),
+            stale: false,
+            used: Vec::new(),
+        }))
+    }
+}
+
+/// The entry node's side of one request.
+pub(crate) struct ClusterRunner {
+    inner: Arc<Inner>,
+    spec: HeadSpec,
+    request: u64,
+    plan: Option<Arc<Plan>>,
+    /// Every token fed so far (prompt and generated), for replays.
+    history: Vec<u32>,
+    /// Tokens chosen so far.
+    generated: Vec<u32>,
+    /// The hops hold no usable state: replay before the next step.
+    stale: bool,
+    /// Plans this request has used, to release its state from their nodes.
+    used: Vec<(u64, Arc<Plan>)>,
+}
+
+enum Retry {
+    /// Give up: the computation itself failed.
+    Fatal(String),
+    /// Wait and try the same step again.
+    Wait(String),
+    /// Leave this node out, then replay on a new plan.
+    Drop(String, String),
+    /// Replay on the current plan.
+    Replay(String),
+}
+
+impl ClusterRunner {
+    /// The usable plan, waiting for one until the deadline.
+    fn current_plan(&self, deadline: Instant, avoid: Option<&str>) -> Result<Arc<Plan>, Error> {
+        loop {
+            let state = self.inner.plan_tx.borrow().clone();
+            let reason = match state {
+                PlanState::Ready(p) if avoid.is_none_or(|a| p.hops.iter().all(|h| h.node != a)) => {
+                    return Ok(p);
+                }
+                PlanState::Ready(_) => {
+                    "waiting for the cluster to re-plan without the failed node".to_string()
+                }
+                PlanState::Waiting(r) => r,
+                PlanState::Impossible(r) => format!("the cluster cannot hold the model: {r}"),
+            };
+            if Instant::now() >= deadline {
+                return Err(Error::Unavailable(format!("no usable plan: {reason}")));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn send(
+        &self,
+        plan: &Arc<Plan>,
+        start_pos: usize,
+        tokens: &[u32],
+        sample: bool,
+        head: Option<HeadSpec>,
+    ) -> Result<StepOutput, Retry> {
+        let req = StepRequest {
+            entry: self.inner.me_s.clone(),
+            request: self.request,
+            model: self.inner.advert.fingerprint.clone(),
+            plan: (**plan).clone(),
+            hop: 0,
+            start_pos: start_pos as u32,
+            tokens: tokens.to_vec(),
+            hidden: None,
+            sample,
+            head,
+        };
+        let first = plan.hops[0].node.clone();
+        match forward(&self.inner, &first, req) {
+            Ok(out) => Ok(out),
+            Err(StepError::NotReady(m)) => Err(Retry::Wait(m)),
+            Err(StepError::StateLost(m)) => Err(Retry::Replay(m)),
+            Err(StepError::Unreachable { peer, detail }) => Err(Retry::Drop(peer, detail)),
+            Err(StepError::Failed(m)) => Err(Retry::Fatal(m)),
+        }
+    }
+
+    /// Largest number of tokens per step, so a step's activations stay well under the message
+    /// limit.
+    fn max_chunk(&self) -> usize {
+        let per_token = self.inner.files.config().hidden_size * 4;
+        (crate::wire::MAX_MESSAGE / 4 / per_token.max(1)).clamp(1, 512)
+    }
+
+    /// Feeds `tokens` at `start_pos` in chunks; only the last chunk may sample.
+    fn feed(
+        &self,
+        plan: &Arc<Plan>,
+        start_pos: usize,
+        tokens: &[u32],
+        sample: bool,
+        head: Option<HeadSpec>,
+    ) -> Result<StepOutput, Retry> {
+        let chunk = self.max_chunk();
+        let mut out = StepOutput::default();
+        let mut pos = start_pos;
+        let mut head = head;
+        let n = tokens.len().div_ceil(chunk).max(1);
+        for (i, part) in tokens.chunks(chunk).enumerate() {
+            let last = i + 1 == n;
+            let o = self.send(plan, pos, part, sample && last, head.take())?;
+            out.prompt_logprobs.extend(o.prompt_logprobs);
+            out.sampled = o.sampled;
+            pos += part.len();
+        }
+        Ok(out)
+    }
+
+    fn release(&self, request: u64, plan: &Plan) {
+        for hop in &plan.hops {
+            if hop.node == self.inner.me_s {
+                if let Ok(mut s) = self.inner.states.lock() {
+                    s.remove(&(self.inner.me_s.clone(), request));
+                }
+                continue;
+            }
+            let Ok(peer) = hop.node.parse::<PeerId>() else {
+                continue;
+            };
+            let net = self.inner.net.clone();
+            let entry = self.inner.me_s.clone();
+            self.inner.rt.spawn(async move {
+                let _ = net.ctl(peer, CtlRequest::Release { entry, request }).await;
+            });
+        }
+    }
+}
+
+impl StepRunner for ClusterRunner {
+    fn step(&mut self, tokens: &[u32], sample: bool) -> Result<StepOutput, Error> {
+        let deadline = Instant::now() + self.inner.plan_wait;
+        let mut avoid: Option<String> = None;
+        loop {
+            let plan = self.current_plan(deadline, avoid.as_deref())?;
+            if self.plan.as_ref() != Some(&plan) {
+                if self.plan.is_some() {
+                    self.stale = true;
+                }
+                self.plan = Some(plan.clone());
+            }
+            let attempt = (|| -> Result<StepOutput, Retry> {
+                if self.stale || self.history.is_empty() {
+                    if self.stale {
+                        // A fresh request id: the old one's state may linger on other nodes.
+                        if let Some(old) = self.used.last() {
+                            self.release(old.0, &old.1);
+                        }
+                        self.request = self.inner.next_request.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let mut spec = self.spec.clone();
+                    spec.generated = self.generated.clone();
+                    if !self.history.is_empty() {
+                        tracing::info!(
+                            request = self.request,
+                            tokens = self.history.len(),
+                            "replaying request on a new plan"
+                        );
+                        self.feed(&plan, 0, &self.history, false, Some(spec.clone()))?;
+                        self.stale = false;
+                        return self.feed(&plan, self.history.len(), tokens, sample, None);
+                    }
+                    self.stale = false;
+                    return self.feed(&plan, 0, tokens, sample, Some(spec));
+                }
+                self.feed(&plan, self.history.len(), tokens, sample, None)
+            })();
+            if !self
+                .used
+                .iter()
+                .any(|(r, p)| *r == self.request && **p == *plan)
+            {
+                self.used.push((self.request, plan.clone()));
+            }
+            match attempt {
+                Ok(out) => {
+                    self.history.extend_from_slice(tokens);
+                    if let Some(s) = &out.sampled {
+                        self.generated.push(s.id);
+                    }
+                    return Ok(out);
+                }
+                Err(Retry::Fatal(m)) => {
+                    return Err(Error::Unavailable(format!("the pipeline failed: {m}")));
+                }
+                Err(Retry::Wait(m)) => {
+                    if Instant::now() >= deadline {
+                        return Err(Error::Unavailable(format!(
+                            "the cluster did not become ready: {m}"
+                        )));
+                    }
+                    tracing::debug!("step must wait: {m}");
+                    self.stale = true;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(Retry::Replay(m)) => {
+                    tracing::info!("replaying request: {m}");
+                    self.stale = true;
+                }
+                Err(Retry::Drop(peer, detail)) => {
+                    tracing::warn!(%peer, "a node of the plan failed ({detail}); re-planning without it");
+                    if let Ok(p) = peer.parse::<PeerId>()
+                        && let Ok(mut t) = self.inner.topo.lock()
+                    {
+                        t.failed(&p);
+                    }
+                    avoid = Some(peer);
+                    self.stale = true;
+                }
+            }
+        }
+    }
+
+    fn context_length(&self) -> usize {
+        self.inner.files.config().max_position_embeddings
+    }
+}
+
+impl Drop for ClusterRunner {
+    fn drop(&mut self) {
+        for (request, plan) in std::mem::take(&mut self.used) {
+            self.release(request, &plan);
+        }
+    }
+}
