@@ -29,7 +29,7 @@ class Server:
 
     def __init__(self, model=None, api_key=None, extra=()):
         self.data = tempfile.mkdtemp(prefix="llmesh-test-")
-        args = [binary(), "run", "--port", "0", "--data-dir", self.data, *extra]
+        args = [binary(), "run", "--port", "0", "--data-dir", self.data, "--listen", "127.0.0.1:0", "--no-discovery", *extra]
         if model:
             args += ["--model", model]
         if api_key:
