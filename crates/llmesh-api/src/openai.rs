@@ -274,7 +274,9 @@ async fn prepare_chat(
     let mut g = GenerateRequest::new(prompt, max);
     g.sampling = sampling;
     g.stop = stop;
-    g.stop_ids = model.eos_ids.clone();
+    if !req.common.ignore_eos.unwrap_or(false) {
+        g.stop_ids = model.eos_ids.clone();
+    }
     g.logprobs = logprobs;
     Ok(Job {
         kind: Kind::Chat,
@@ -413,7 +415,9 @@ async fn prepare_completion(
     let mut g = GenerateRequest::new(prompt_ids, max);
     g.sampling = sampling;
     g.stop = stop;
-    g.stop_ids = model.eos_ids.clone();
+    if !req.common.ignore_eos.unwrap_or(false) {
+        g.stop_ids = model.eos_ids.clone();
+    }
     g.logprobs = logprobs;
     g.prompt_logprobs = echo.is_some() && logprobs.is_some();
     Ok(Job {

@@ -57,6 +57,8 @@ pub struct Common {
     pub min_p: Option<f64>,
     /// Extension: repetition penalty.
     pub repetition_penalty: Option<f64>,
+    /// Extension: keep generating past end-of-sequence tokens (for benchmarks).
+    pub ignore_eos: Option<bool>,
     /// Token biases (refused unless empty).
     pub logit_bias: Option<serde_json::Map<String, Value>>,
 }

@@ -110,6 +110,9 @@ pub(crate) struct Inner {
     pub shard: Mutex<ShardSlot>,
     pub states: Mutex<HashMap<(String, u64), HopState>>,
     pub next_request: AtomicU64,
+    /// Steps this node sent to other nodes, and their bytes of activations and tokens.
+    pub steps_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
     pub pool: OnceLock<WorkerPool>,
     pub listen: Mutex<Vec<Multiaddr>>,
     pub wire_dtype: WireDtype,
@@ -169,6 +172,8 @@ impl Node {
             shard: Mutex::new(ShardSlot::default()),
             states: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
+            steps_sent: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
             pool: OnceLock::new(),
             listen: Mutex::new(Vec::new()),
             wire_dtype,

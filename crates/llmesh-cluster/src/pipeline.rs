@@ -115,9 +115,16 @@ pub(crate) fn handle_step(inner: &Arc<Inner>, req: StepRequest) -> StepResponse 
         .head
         .as_ref()
         .map_or(LogitsFor::Last, SequenceHead::logits_for);
+    let t0 = Instant::now();
     let out = shard
         .forward(&mut state.cache, input, mode)
         .map_err(|e| StepError::Failed(e.to_string()))?;
+    tracing::trace!(
+        hop = req.hop,
+        tokens = req.tokens.len(),
+        ms = t0.elapsed().as_secs_f64() * 1e3,
+        "layers ran"
+    );
     state.last_used = Instant::now();
     if shard.is_last() {
         let logits = out
@@ -166,7 +173,19 @@ fn forward(inner: &Arc<Inner>, node: &str, req: StepRequest) -> StepResponse {
     let peer: PeerId = node
         .parse()
         .map_err(|_| StepError::Failed(format!("bad peer id {node}")))?;
-    match inner.net.step_blocking(peer, req) {
+    let payload = req.hidden.as_ref().map_or(0, |h| h.data.len()) + req.tokens.len() * 4;
+    inner.steps_sent.fetch_add(1, Ordering::Relaxed);
+    inner
+        .bytes_sent
+        .fetch_add(payload as u64, Ordering::Relaxed);
+    let t0 = Instant::now();
+    let result = inner.net.step_blocking(peer, req);
+    tracing::trace!(
+        ms = t0.elapsed().as_secs_f64() * 1e3,
+        bytes = payload,
+        "remote step answered"
+    );
+    match result {
         Ok(resp) => resp,
         Err(e) => Err(StepError::Unreachable {
             peer: node.to_string(),

@@ -96,7 +96,16 @@ impl InferenceService for Node {
                 .collect(),
             _ => Vec::new(),
         };
-        TopologyReport { nodes, links, plan }
+        let sent = serde_json::json!({
+            "steps": self.inner.steps_sent.load(std::sync::atomic::Ordering::Relaxed),
+            "bytes": self.inner.bytes_sent.load(std::sync::atomic::Ordering::Relaxed),
+        });
+        TopologyReport {
+            nodes,
+            links,
+            plan,
+            sent,
+        }
     }
 
     fn health(&self) -> Health {

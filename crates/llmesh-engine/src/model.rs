@@ -482,6 +482,11 @@ impl Shard {
         embed + head + self.blocks.iter().map(Block::size_in_bytes).sum::<usize>()
     }
 
+    /// Bytes of the token embedding held by this shard (0 unless it is the first).
+    pub fn embedding_bytes(&self) -> usize {
+        self.embed.as_ref().map_or(0, Embedding::size_in_bytes)
+    }
+
     /// A fresh cache for one sequence through this shard.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.blocks.len(), self.config.max_position_embeddings)

@@ -147,6 +147,8 @@ pub struct TopologyReport {
     pub links: Vec<serde_json::Value>,
     /// The pipeline requests take, in order (empty when the model runs whole on this node).
     pub plan: Vec<PlanHopReport>,
+    /// Traffic this node sent along pipelines: `steps` and `bytes` (activations and tokens).
+    pub sent: serde_json::Value,
 }
 
 /// One hop of the plan.
@@ -410,6 +412,7 @@ impl InferenceService for LocalService {
             }],
             links: Vec::new(),
             plan: Vec::new(),
+            sent: serde_json::json!({"steps": 0, "bytes": 0}),
         }
     }
 

@@ -21,6 +21,9 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Chat with a model using its chat template; interactive without --prompt.
     Chat(ChatArgs),
+    /// Measure prefill and decode speed, memory and bandwidth use; with --cluster, compare a
+    /// pipeline of N local nodes with one node.
+    Bench(BenchArgs),
     /// Developer tools.
     #[command(subcommand)]
     Dev(DevCommand),
@@ -160,6 +163,35 @@ pub struct GenerateArgs {
     /// With --json: include each generated token's log-probability and the N most likely tokens.
     #[arg(long)]
     pub logprobs: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// A model directory or .gguf file (default: a synthetic Llama of about 180M parameters in
+    /// Q8_0, made once in the data directory).
+    #[arg(long, short = 'm')]
+    pub model: Option<PathBuf>,
+    /// Prompt length.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub gen_tokens: usize,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Repetitions (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Compare a pipeline of this many local nodes (processes on loopback) with one node.
+    #[arg(long)]
+    pub cluster: Option<usize>,
+    /// Where to keep the synthetic bench model.
+    #[arg(long, env = "LLMESH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

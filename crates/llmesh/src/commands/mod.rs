@@ -1,5 +1,6 @@
 //! One module per command.
 
+mod bench;
 mod chat;
 mod generate;
 mod make_model;
@@ -16,6 +17,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Run(args) => run::run(*args),
         Command::Generate(args) => generate::run(args),
         Command::Chat(args) => chat::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Dev(DevCommand::MakeModel(args)) => make_model::run(*args),
         Command::Dev(DevCommand::Tokenize(args)) => tokenize(args),
         Command::Dev(DevCommand::Load(args)) => load(args),

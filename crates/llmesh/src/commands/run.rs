@@ -20,7 +20,7 @@ use llmesh_engine::{Architecture, ModelFiles};
 use crate::cli::RunArgs;
 
 /// The data directory: `--data-dir`, else `$XDG_DATA_HOME/llmesh`, else `~/.local/share/llmesh`.
-fn data_dir(arg: Option<PathBuf>) -> PathBuf {
+pub fn data_dir(arg: Option<PathBuf>) -> PathBuf {
     arg.or_else(|| std::env::var_os("XDG_DATA_HOME").map(|d| PathBuf::from(d).join("llmesh")))
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share/llmesh")))
         .unwrap_or_else(|| std::env::temp_dir().join("llmesh"))

@@ -1,0 +1,411 @@
+//! `llmesh bench`: prefill and decode speed of one model on this machine (median and spread over
+//! repeats), peak memory, and decode speed as a fraction of the memory bandwidth measured in the
+//! same run; with `--cluster N`, time to first token, time per output token and bytes per hop of
+//! a pipeline of N local nodes against one node, through the HTTP API.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use llmesh_engine::{GenerateRequest, LocalRunner, ModelFiles, SamplingParams, StepRunner};
+use serde_json::{Value, json};
+
+use crate::cli::BenchArgs;
+
+fn bench_model(data: &Path) -> Result<PathBuf> {
+    let dir = data.join("bench-model");
+    let gguf = dir.join("model-q8_0.gguf");
+    if gguf.is_file() && ModelFiles::open(&gguf).is_ok() {
+        return Ok(gguf);
+    }
+    eprintln!(
+        "making the synthetic bench model in {} (once)",
+        dir.display()
+    );
+    // In a child process, so that making it does not count in this process's peak memory.
+    let status = Command::new(std::env::current_exe()?)
+        .args([
+            "dev",
+            "make-model",
+            "--arch",
+            "llama",
+            "--layers",
+            "16",
+            "--hidden",
+            "1024",
+            "--heads",
+            "16",
+        ])
+        .args([
+            "--kv-heads",
+            "4",
+            "--intermediate",
+            "2816",
+            "--context",
+            "4096",
+            "--gguf",
+            "q8_0",
+            "--out",
+        ])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("could not make the bench model in {}", dir.display());
+    }
+    Ok(gguf)
+}
+
+fn median_spread(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+/// Memory read bandwidth in bytes per second: the best of a few parallel sums over 1 GiB.
+pub fn measure_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let n = (1usize << 30) / 8;
+    let buf: Vec<u64> = (0..n as u64).collect();
+    let mut best = 0f64;
+    for _ in 0..4 {
+        let t0 = Instant::now();
+        let s: u64 = buf
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
+            .reduce(|| 0, u64::wrapping_add);
+        let dt = t0.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        best = best.max((n * 8) as f64 / dt);
+    }
+    best
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let threads = llmesh_engine::threads::set_compute_threads(args.threads)?;
+    let data = super::run::data_dir(args.data_dir.clone());
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => bench_model(&data)?,
+    };
+    if args.repeat == 0 || args.gen_tokens < 2 || args.prompt_tokens == 0 {
+        bail!(
+            "--repeat must be at least 1, --gen-tokens at least 2 and --prompt-tokens at least 1"
+        );
+    }
+    match args.cluster {
+        Some(n) => cluster(&args, &model, n, threads),
+        None => single(&args, &model, threads),
+    }
+}
+
+fn single(args: &BenchArgs, model: &Path, threads: usize) -> Result<()> {
+    let files = ModelFiles::open(model)?;
+    let cfg = files.config().clone();
+    if args.prompt_tokens + args.gen_tokens > cfg.max_position_embeddings {
+        bail!(
+            "--prompt-tokens + --gen-tokens exceed the model's context of {}",
+            cfg.max_position_embeddings
+        );
+    }
+    let shard = files.load_full()?;
+    let prompt: Vec<u32> = (0..args.prompt_tokens)
+        .map(|i| ((i * 7919 + 11) % cfg.vocab_size) as u32)
+        .collect();
+    let mut req = GenerateRequest::new(prompt.clone(), args.gen_tokens);
+    req.sampling = SamplingParams::greedy();
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    for _ in 0..args.repeat {
+        let mut runner = LocalRunner::new(&shard, &req)?;
+        let t0 = Instant::now();
+        let mut next = None;
+        let chunks = prompt.chunks(512).count();
+        for (i, c) in prompt.chunks(512).enumerate() {
+            next = runner.step(c, i + 1 == chunks)?.sampled;
+        }
+        prefill.push(args.prompt_tokens as f64 / t0.elapsed().as_secs_f64());
+        let t1 = Instant::now();
+        for _ in 1..args.gen_tokens {
+            let id = next.take().map(|s| s.id).unwrap_or(0);
+            next = runner.step(&[id], true)?.sampled;
+        }
+        decode.push((args.gen_tokens - 1) as f64 / t1.elapsed().as_secs_f64());
+    }
+    let (pf, pf_lo, pf_hi) = median_spread(prefill);
+    let (dc, dc_lo, dc_hi) = median_spread(decode);
+    // Peak memory before the bandwidth measurement allocates its buffer.
+    let (peak, _) = llmesh_engine::system::process_memory_bytes();
+    let bandwidth = measure_bandwidth();
+    // Every weight is read once per decoded token, except the embedding (one row).
+    let embed = if cfg.tie_word_embeddings {
+        0.0
+    } else {
+        shard.embedding_bytes() as f64
+    };
+    let read_per_token = shard.weight_bytes() as f64 - embed;
+    let fraction = read_per_token * dc / bandwidth;
+    let out = json!({
+        "model": model.display().to_string(),
+        "threads": threads,
+        "prompt_tokens": args.prompt_tokens,
+        "gen_tokens": args.gen_tokens,
+        "repeat": args.repeat,
+        "prefill_tokens_per_s": pf,
+        "prefill_tokens_per_s_range": [pf_lo, pf_hi],
+        "decode_tokens_per_s": dc,
+        "decode_tokens_per_s_range": [dc_lo, dc_hi],
+        "weight_bytes": shard.weight_bytes(),
+        "peak_rss_bytes": peak,
+        "memory_bandwidth_bytes_per_s": bandwidth,
+        "bandwidth_fraction": fraction,
+    });
+    if args.json {
+        println!("{out}");
+    } else {
+        println!("model      {}", model.display());
+        println!("threads    {threads}");
+        println!(
+            "prefill    {pf:8.1} tok/s  (min {pf_lo:.1}, max {pf_hi:.1}; {} tokens, {} runs)",
+            args.prompt_tokens, args.repeat
+        );
+        println!(
+            "decode     {dc:8.1} tok/s  (min {dc_lo:.1}, max {dc_hi:.1}; {} tokens)",
+            args.gen_tokens
+        );
+        println!(
+            "weights    {:8.1} MiB",
+            shard.weight_bytes() as f64 / 1048576.0
+        );
+        println!(
+            "peak RSS   {:8.1} MiB",
+            peak.unwrap_or(0) as f64 / 1048576.0
+        );
+        println!(
+            "bandwidth  {:8.1} GB/s measured; decode reads {:.1} GB/s = {:.0}% of it",
+            bandwidth / 1e9,
+            read_per_token * dc / 1e9,
+            fraction * 100.0
+        );
+    }
+    Ok(())
+}
+
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn get_json(addr: &str, path: &str) -> Option<Value> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut s, &mut text).ok()?;
+    let (_, body) = text.split_once("\r\n\r\n")?;
+    serde_json::from_str(body).ok()
+}
+
+/// Streams one completion; returns (time to first event, time from first event to the end).
+fn timed_stream(addr: &str, body: &Value) -> Result<(f64, f64)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(600)))?;
+    let b = body.to_string();
+    let t0 = Instant::now();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
+        b.len()
+    )?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    let mut first = None;
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            bail!("the stream ended early");
+        }
+        if line.starts_with("HTTP/1.1 ") && !line.contains(" 200 ") {
+            bail!("the node answered {}", line.trim());
+        }
+        let Some(data) = line.trim_end().strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        if data.contains("\"error\"") {
+            bail!("error: {data}");
+        }
+        first.get_or_insert_with(Instant::now);
+    }
+    let first = first.context("no tokens came back")?;
+    Ok(((first - t0).as_secs_f64(), first.elapsed().as_secs_f64()))
+}
+
+fn cluster(args: &BenchArgs, model: &Path, n: usize, threads: usize) -> Result<()> {
+    if n < 2 {
+        bail!("--cluster needs at least 2 nodes");
+    }
+    let exe = std::env::current_exe()?;
+    let tmp = std::env::temp_dir().join(format!("llmesh-bench-{}", std::process::id()));
+    let files = ModelFiles::open(model)?;
+    let vocab = files.config().vocab_size;
+    let prompt: Vec<u32> = (0..args.prompt_tokens)
+        .map(|i| ((i * 7919 + 11) % vocab) as u32)
+        .collect();
+    let mut rows = Vec::new();
+    for nodes in [1, n] {
+        let ports: Vec<(u16, u16)> = (0..nodes)
+            .map(|_| Ok((free_port()?, free_port()?)))
+            .collect::<Result<_>>()?;
+        let mut children = Children(Vec::new());
+        for (i, (http, p2p)) in ports.iter().enumerate() {
+            let mut cmd = Command::new(&exe);
+            cmd.args(["run", "--model"])
+                .arg(model)
+                .args([
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    &http.to_string(),
+                    "--listen",
+                    &format!("127.0.0.1:{p2p}"),
+                ])
+                .args([
+                    "--no-discovery",
+                    "--cluster-key",
+                    "llmesh-bench-cluster-key",
+                    "--partitioner",
+                    "memory-weighted",
+                ])
+                .args([
+                    "--threads",
+                    &threads.to_string(),
+                    "--node-name",
+                    &format!("bench{i}"),
+                    "--parallel",
+                    "1",
+                ])
+                .arg("--data-dir")
+                .arg(tmp.join(format!("n{nodes}-{i}")))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            for (j, (_, p)) in ports.iter().enumerate() {
+                if j != i {
+                    cmd.args(["--peer", &format!("127.0.0.1:{p}")]);
+                }
+            }
+            children.0.push(cmd.spawn()?);
+        }
+        let entry = format!("127.0.0.1:{}", ports[0].0);
+        let start = Instant::now();
+        loop {
+            let hops = get_json(&entry, "/v1/topology")
+                .and_then(|t| t["plan"].as_array().map(|p| p.len()))
+                .unwrap_or(0);
+            let healthy = get_json(&entry, "/healthcheck").is_some_and(|h| h["status"] == "ok");
+            if hops == nodes && healthy {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(300) {
+                bail!("{nodes} node(s) did not form a plan in 5 minutes");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let id = get_json(&entry, "/v1/models")
+            .and_then(|m| m["data"][0]["id"].as_str().map(str::to_string))
+            .context("no model")?;
+        let body = json!({"model": id, "prompt": prompt, "max_tokens": args.gen_tokens, "temperature": 0, "ignore_eos": true, "stream": true});
+        // Warm up (loads pages, fills caches), then measure.
+        timed_stream(
+            &entry,
+            &json!({"model": id, "prompt": &prompt[..prompt.len().min(16)], "max_tokens": 4, "temperature": 0, "stream": true}),
+        )?;
+        let sent_before: u64 = ports
+            .iter()
+            .filter_map(|(h, _)| get_json(&format!("127.0.0.1:{h}"), "/v1/topology"))
+            .map(|t| t["sent"]["bytes"].as_u64().unwrap_or(0))
+            .sum();
+        let mut ttft = Vec::new();
+        let mut tpot = Vec::new();
+        for _ in 0..args.repeat {
+            let (first, rest) = timed_stream(&entry, &body)?;
+            ttft.push(first);
+            tpot.push(rest / (args.gen_tokens - 1) as f64);
+        }
+        let sent_after: u64 = ports
+            .iter()
+            .filter_map(|(h, _)| get_json(&format!("127.0.0.1:{h}"), "/v1/topology"))
+            .map(|t| t["sent"]["bytes"].as_u64().unwrap_or(0))
+            .sum();
+        let hop_boundaries = nodes - 1;
+        let tokens = (args.prompt_tokens + args.gen_tokens) * args.repeat;
+        let bytes_per_hop_token = if hop_boundaries > 0 {
+            (sent_after - sent_before) as f64 / (hop_boundaries * tokens) as f64
+        } else {
+            0.0
+        };
+        let (ttft_m, _, _) = median_spread(ttft);
+        let (tpot_m, tpot_lo, tpot_hi) = median_spread(tpot);
+        rows.push(json!({
+            "nodes": nodes,
+            "time_to_first_token_s": ttft_m,
+            "time_per_output_token_s": tpot_m,
+            "time_per_output_token_range_s": [tpot_lo, tpot_hi],
+            "decode_tokens_per_s": 1.0 / tpot_m,
+            "bytes_per_hop_per_token": bytes_per_hop_token,
+        }));
+        drop(children);
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    let ratio = rows[1]["decode_tokens_per_s"].as_f64().unwrap_or(0.0)
+        / rows[0]["decode_tokens_per_s"].as_f64().unwrap_or(1.0);
+    let out = json!({"model": model.display().to_string(), "threads": threads, "prompt_tokens": args.prompt_tokens,
+        "gen_tokens": args.gen_tokens, "repeat": args.repeat, "runs": rows, "decode_ratio": ratio});
+    if args.json {
+        println!("{out}");
+    } else {
+        println!(
+            "model {} · {} prompt + {} generated tokens · median of {} · {threads} threads per node",
+            model.display(),
+            args.prompt_tokens,
+            args.gen_tokens,
+            args.repeat
+        );
+        println!(
+            "{:>5} {:>12} {:>12} {:>12} {:>16}",
+            "nodes", "TTFT ms", "TPOT ms", "decode tok/s", "bytes/hop/token"
+        );
+        for r in &rows {
+            println!(
+                "{:>5} {:>12.1} {:>12.2} {:>12.1} {:>16.0}",
+                r["nodes"],
+                r["time_to_first_token_s"].as_f64().unwrap_or(0.0) * 1e3,
+                r["time_per_output_token_s"].as_f64().unwrap_or(0.0) * 1e3,
+                r["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
+                r["bytes_per_hop_per_token"].as_f64().unwrap_or(0.0)
+            );
+        }
+        println!("decode speed, {n} nodes ÷ 1 node: {ratio:.3}");
+    }
+    Ok(())
+}

@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""A simulated home cluster (not run in CI; needs root, cgroup v1, iproute2).
+
+Three nodes in three network namespaces on a bridge, made unequal:
+  node    CPU (cgroup v1 cpu.cfs_quota_us)   memory (memory.limit_in_bytes)   link (tc tbf)
+  fast    100% of a core                      --mem each (default 256 MiB)     1 Gbit/s
+  medium   50% of a core                      same                             200 Mbit/s
+  slow     25% of a core                      same                             200 Mbit/s
+For each partitioner (memory-weighted, latency) it starts the three nodes (they find each other by
+mDNS and measure their own speed inside their cgroup), waits for the plan, streams a completion
+from the fast node and reports the time per output token and the plan. The latency partitioner
+should be at most 0.8x the memory-weighted time.
+
+Usage: sudo scripts/home-cluster.py [--model FILE] [--mem MiB] [--tokens N]
+Default model: the synthetic bench model (`llmesh bench` makes it), Q8_0, 16 layers, ~184 MiB.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NODES = [("fast", 100000, "1gbit"), ("medium", 50000, "200mbit"), ("slow", 25000, "200mbit")]
+SUBNET = "10.232.7"
+BRIDGE = "llhomebr"
+
+
+def sh(*args, check=True):
+    r = subprocess.run(args, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise SystemExit(f"{' '.join(args)}: {r.stderr.strip()}")
+    return r
+
+
+def setup_lan():
+    teardown_lan()
+    sh("ip", "link", "add", BRIDGE, "type", "bridge")
+    sh("ip", "addr", "add", f"{SUBNET}.254/24", "dev", BRIDGE)
+    sh("ip", "link", "set", BRIDGE, "up")
+    for i, (name, _, rate) in enumerate(NODES, 1):
+        ns, veth = f"llhome{i}", f"llhv{i}"
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        sh("ip", "link", "set", veth, "master", BRIDGE, "up")
+        sh("ip", "-n", ns, "addr", "add", f"{SUBNET}.{i}/24", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", ns, "route", "add", "224.0.0.0/4", "dev", "eth0")
+        # Shape both directions of the node's link.
+        sh("tc", "qdisc", "add", "dev", veth, "root", "tbf", "rate", rate, "burst", "64kb", "latency", "50ms")
+        sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "64kb",
+           "latency", "50ms")
+
+
+def teardown_lan():
+    for i in range(1, len(NODES) + 1):
+        sh("ip", "netns", "del", f"llhome{i}", check=False)
+    sh("ip", "link", "del", BRIDGE, check=False)
+
+
+def cgroup(name, quota, mem_bytes):
+    cpu, memory = f"/sys/fs/cgroup/cpu/llmesh-{name}", f"/sys/fs/cgroup/memory/llmesh-{name}"
+    for d in (cpu, memory):
+        os.makedirs(d, exist_ok=True)
+    open(f"{cpu}/cpu.cfs_period_us", "w").write("100000")
+    open(f"{cpu}/cpu.cfs_quota_us", "w").write(str(quota))
+    open(f"{memory}/memory.limit_in_bytes", "w").write(str(mem_bytes))
+    return cpu, memory
+
+
+def get(url, timeout=5):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.load(r)
+
+
+def start_nodes(binary, model, strategy, mem_mib, work):
+    procs = []
+    for i, (name, quota, _) in enumerate(NODES, 1):
+        # The node may use a little less than its cgroup, leaving room for the process itself.
+        cpu, memory = cgroup(name, quota, (mem_mib + 96) << 20)
+        log = open(os.path.join(work, f"{strategy}-{name}.log"), "w")
+        cmd = (f"echo $$ > {cpu}/cgroup.procs && echo $$ > {memory}/cgroup.procs && "
+               f"exec ip netns exec llhome{i} {binary} run --model {model} --host {SUBNET}.{i} --port 8000 "
+               f"--listen 0.0.0.0:47480 --cluster-key home-cluster-simulation-key --memory-limit {mem_mib}MiB "
+               f"--kv-cache-tokens 1024 --threads 1 --parallel 1 --node-name {name} --partitioner {strategy} "
+               f"--data-dir {work}/{strategy}-{name}")
+        procs.append(subprocess.Popen(["sh", "-c", cmd], stdout=log, stderr=subprocess.STDOUT,
+                                      env={**os.environ, "RUST_LOG": "llmesh_cluster=info"}))
+    return procs
+
+
+def wait_plan(url, timeout=300):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            topo = get(url + "/v1/topology")
+            health = get(url + "/healthcheck")
+            plan = topo["plan"]
+            loaded = {n["name"]: (n["shards"][0]["start"], n["shards"][0]["end"]) if n["shards"] else None
+                      for n in topo["nodes"]}
+            if plan and len(topo["nodes"]) == 3 and health["status"] == "ok" and all(
+                    loaded.get(h["name"]) == (h["start"], h["end"]) for h in plan):
+                return plan
+        except Exception:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("no plan in time")
+
+
+def measure(url, model_id, tokens):
+    body = json.dumps({"model": model_id, "prompt": "The quick brown fox", "max_tokens": tokens, "temperature": 0,
+                       "ignore_eos": True, "stream": True}).encode()
+    req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    t0 = time.time()
+    first = None
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for line in r:
+            line = line.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                break
+            if first is None:
+                first = time.time()
+    end = time.time()
+    return first - t0, (end - first) / (tokens - 1)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model")
+    ap.add_argument("--mem", type=int, default=110, help="MiB each node may use for weights and cache")
+    ap.add_argument("--tokens", type=int, default=48)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (network namespaces and cgroups)")
+    subprocess.run(["cargo", "build", "--release", "-q"], cwd=ROOT, check=True)
+    binary = os.path.join(ROOT, "target", "release", "llmesh")
+    work = tempfile.mkdtemp(prefix="llmesh-home-")
+    model = args.model
+    if not model:
+        data = os.path.join(work, "data")
+        subprocess.run([binary, "bench", "--data-dir", data, "--repeat", "1", "--prompt-tokens", "8", "--gen-tokens", "2"],
+                       check=True, capture_output=True)
+        model = os.path.join(data, "bench-model", "model-q8_0.gguf")
+    results = {}
+    try:
+        setup_lan()
+        for strategy in ["memory-weighted", "latency"]:
+            procs = start_nodes(binary, model, strategy, args.mem, work)
+            try:
+                url = f"http://{SUBNET}.1:8000"
+                plan = wait_plan(url)
+                model_id = get(url + "/v1/models")["data"][0]["id"]
+                measure(url, model_id, 4)  # warm up
+                runs = [measure(url, model_id, args.tokens) for _ in range(3)]
+                tpot = sorted(r[1] for r in runs)[1]
+                ttft = sorted(r[0] for r in runs)[1]
+                results[strategy] = (tpot, ttft, plan)
+                print(f"{strategy:16} TPOT {tpot * 1e3:8.1f} ms   TTFT {ttft * 1e3:8.1f} ms   plan: "
+                      + " → ".join(f"{h['name']}[{h['start']}..{h['end']}]" for h in plan), flush=True)
+            finally:
+                for p in procs:
+                    p.terminate()
+                for p in procs:
+                    p.wait(timeout=30)
+                time.sleep(1)
+    finally:
+        teardown_lan()
+        for name, _, _ in NODES:
+            for kind in ("cpu", "memory"):
+                try:
+                    os.rmdir(f"/sys/fs/cgroup/{kind}/llmesh-{name}")
+                except OSError:
+                    pass
+    ratio = results["latency"][0] / results["memory-weighted"][0]
+    print(f"\nlatency ÷ memory-weighted time per output token: {ratio:.2f} (goal ≤ 0.80); logs in {work}")
+    shutil.rmtree(os.path.join(work, "data"), ignore_errors=True)
+    return 0 if ratio <= 0.8 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
