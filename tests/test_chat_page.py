@@ -93,6 +93,9 @@ def main():
             panel = wd.wait_for("the cluster panel", lambda: wd.run_js(
                 "const n = document.querySelector('#cluster-nodes .node'); return n && n.innerText"))
             assert "this node" in panel and "layers 0–3 of 4" in panel, panel
+            pipeline = wd.wait_for("the pipeline line", lambda: wd.run_js(
+                "const p = document.querySelector('#cluster-nodes .plan'); return p && p.innerText"))
+            assert "Pipeline:" in pipeline and "[0–3]" in pipeline, pipeline
             box = wd.find("#input")
             wd.cmd("POST", f"/element/{box}/value", {"text": "Hello! Can you show me some **markdown**?"})
             wd.cmd("POST", f"/element/{wd.find('#send')}/click", {})

@@ -78,14 +78,22 @@ impl ApiError {
         }
     }
 
-    /// 503: busy or not ready.
-    pub fn unavailable(message: impl Into<String>) -> Self {
+    /// 503: every worker is busy and the queue is full.
+    pub fn overloaded(message: impl Into<String>) -> Self {
         ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             message: message.into(),
             kind: "server_error",
             param: None,
             code: Some("overloaded"),
+        }
+    }
+
+    /// 503: the model cannot run now (a cluster lost nodes, or is still forming).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        ApiError {
+            code: Some("model_unavailable"),
+            ..Self::overloaded(message)
         }
     }
 

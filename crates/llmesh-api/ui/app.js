@@ -252,6 +252,19 @@ async function loadTopology() {
       }
       box.appendChild(div);
     }
+    if (topo.plan && topo.plan.length) {
+      const plan = document.createElement("div");
+      plan.className = "plan muted";
+      plan.textContent = "Pipeline: " + topo.plan.map((h) => `${h.name} [${h.start}–${h.end - 1}]`).join(" → ");
+      box.appendChild(plan);
+    }
+    const links = (topo.links || []).length;
+    if (links) {
+      const l = document.createElement("div");
+      l.className = "muted";
+      l.textContent = `${links} link${links === 1 ? "" : "s"} from this node`;
+      box.appendChild(l);
+    }
   } catch { /* the panel keeps its last state */ }
 }
 

@@ -51,6 +51,8 @@ pub enum NetEvent {
     Disconnected(PeerId),
     /// mDNS found a peer.
     Discovered(PeerId, Multiaddr),
+    /// mDNS no longer sees a peer.
+    Expired(PeerId),
     /// A peer sent a control message; answer with [`NetClient::respond_ctl`].
     Ctl(PeerId, CtlRequest, u64),
     /// A peer sent a pipeline step; answer with [`NetClient::respond_step`].
@@ -326,6 +328,7 @@ impl EventLoop {
                 self.pending_ctl.insert(id, reply);
             }
             Command::Step(peer, req, reply) => {
+                tracing::trace!(us = now_us(), "step command to send");
                 let id = self.swarm.behaviour_mut().step.send_request(&peer, *req);
                 self.pending_step.insert(id, reply);
             }
@@ -335,6 +338,7 @@ impl EventLoop {
                 }
             }
             Command::RespondStep(id, resp) => {
+                tracing::trace!(us = now_us(), "step response to send");
                 if let Some(ch) = self.inbound_step.remove(&id) {
                     let _ = self.swarm.behaviour_mut().step.send_response(ch, *resp);
                 }
@@ -403,6 +407,11 @@ impl EventLoop {
                     emit(&self.events, NetEvent::Discovered(peer, addr)).await;
                 }
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(list))) => {
+                for (peer, _) in list {
+                    emit(&self.events, NetEvent::Expired(peer)).await;
+                }
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Ctl(ev)) => self.on_ctl(ev).await,
             SwarmEvent::Behaviour(BehaviourEvent::Step(ev)) => self.on_step(ev).await,
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
@@ -457,6 +466,7 @@ impl EventLoop {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
+                    tracing::trace!(us = now_us(), "step request arrived");
                     self.next_id += 1;
                     self.inbound_step.insert(self.next_id, channel);
                     emit(
@@ -469,6 +479,7 @@ impl EventLoop {
                     request_id,
                     response,
                 } => {
+                    tracing::trace!(us = now_us(), "step response arrived");
                     if let Some(tx) = self.pending_step.remove(&request_id) {
                         let _ = tx.send(Ok(response));
                     }
@@ -496,6 +507,13 @@ fn is_handshake_failure(msg: &str) -> bool {
         || m.contains("decrypt")
         || m.contains("multistream")
         || m.contains("protocol")
+}
+
+fn now_us() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0)
 }
 
 /// Parses `host:port` or a multiaddr into a multiaddr.

@@ -125,6 +125,8 @@ pub(crate) struct Inner {
     pub settle: Duration,
     pub plan_wait: Duration,
     pub explicit_peers: Vec<Multiaddr>,
+    /// Peers mDNS found, redialled until connected (a first dial may fail while a peer starts).
+    pub discovered: Mutex<HashMap<PeerId, Vec<Multiaddr>>>,
     pub started: Instant,
 }
 
@@ -186,6 +188,7 @@ impl Node {
             settle: cfg.settle,
             plan_wait: cfg.plan_wait,
             explicit_peers: cfg.peers,
+            discovered: Mutex::new(HashMap::new()),
             started: Instant::now(),
         });
         let factory: Arc<dyn llmesh_engine::service::RunnerFactory> =
@@ -400,7 +403,18 @@ async fn handle_events(inner: Weak<Inner>, mut events: tokio::sync::mpsc::Receiv
                     t.disconnected(&peer);
                 }
             }
+            NetEvent::Expired(peer) => {
+                if let Ok(mut d) = inner.discovered.lock() {
+                    d.remove(&peer);
+                }
+            }
             NetEvent::Discovered(peer, addr) => {
+                if let Ok(mut d) = inner.discovered.lock() {
+                    let addrs = d.entry(peer).or_default();
+                    if !addrs.contains(&addr) {
+                        addrs.push(addr.clone());
+                    }
+                }
                 let known = inner
                     .topo
                     .lock()
@@ -513,6 +527,23 @@ async fn heartbeats(inner: Weak<Inner>) {
             for addr in &inner.explicit_peers {
                 if !connected.contains(addr) {
                     inner.net.dial(addr.clone(), None).await;
+                }
+            }
+            let found: Vec<(PeerId, Vec<Multiaddr>)> = inner
+                .discovered
+                .lock()
+                .map(|d| d.iter().map(|(p, a)| (*p, a.clone())).collect())
+                .unwrap_or_default();
+            for (peer, addrs) in found {
+                let up = inner
+                    .topo
+                    .lock()
+                    .map(|t| t.is_connected(&peer))
+                    .unwrap_or(true);
+                if !up {
+                    for addr in addrs {
+                        inner.net.dial(addr, Some(peer)).await;
+                    }
                 }
             }
         }

@@ -262,7 +262,12 @@ impl ClusterRunner {
                     "waiting for the cluster to re-plan without the failed node".to_string()
                 }
                 PlanState::Waiting(r) => r,
-                PlanState::Impossible(r) => format!("the cluster cannot hold the model: {r}"),
+                // Not a state to wait out: the live nodes cannot hold the model.
+                PlanState::Impossible(r) => {
+                    return Err(Error::Unavailable(format!(
+                        "the cluster cannot hold the model: {r}"
+                    )));
+                }
             };
             if Instant::now() >= deadline {
                 return Err(Error::Unavailable(format!("no usable plan: {reason}")));
