@@ -192,9 +192,8 @@ fn submit(state: &AppState, job: &Job) -> Result<mpsc::Receiver<JobEvent>, ApiEr
         .submit(&job.model.id, job.req.clone())
         .map_err(|e| match e {
             SubmitError::UnknownModel(m) => ApiError::model_not_found(&m),
-            SubmitError::Overloaded(_) | SubmitError::Unavailable(_) => {
-                ApiError::unavailable(e.to_string())
-            }
+            SubmitError::Overloaded(_) => ApiError::overloaded(e.to_string()),
+            SubmitError::Unavailable(_) => ApiError::unavailable(e.to_string()),
         })
 }
 
@@ -203,24 +202,45 @@ pub async fn chat(
     State(state): State<AppState>,
     body: Result<JsonBody<Value>, ApiError>,
 ) -> Response {
+    serve::<ChatRequest, _, _>(state, body, "chat_completions", prepare_chat).await
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(
+    State(state): State<AppState>,
+    body: Result<JsonBody<Value>, ApiError>,
+) -> Response {
+    serve::<CompletionRequest, _, _>(state, body, "completions", prepare_completion).await
+}
+
+/// Parses, prepares and answers one request, counting it in the metrics.
+async fn serve<T, F, Fut>(
+    state: AppState,
+    body: Result<JsonBody<Value>, ApiError>,
+    endpoint: &'static str,
+    prepare: F,
+) -> Response
+where
+    T: crate::types::WithCommon,
+    F: FnOnce(AppState, T, Instant) -> Fut,
+    Fut: std::future::Future<Output = Result<Job, ApiError>>,
+{
     let _in_flight = state.metrics().start();
     let started = Instant::now();
-    let resp = match body.and_then(|JsonBody(v)| parse_request::<ChatRequest>(&v)) {
-        Ok(req) => prepare_chat(&state, req, started).await,
+    let job = match body.and_then(|JsonBody(v)| parse_request::<T>(&v)) {
+        Ok(req) => prepare(state.clone(), req, started).await,
         Err(e) => Err(e),
     };
-    let resp = match resp {
+    let resp = match job {
         Ok(job) => answer(state.clone(), job).await,
         Err(e) => e.into_response(),
     };
-    state
-        .metrics()
-        .request("chat_completions", resp.status().as_u16());
+    state.metrics().request(endpoint, resp.status().as_u16());
     resp
 }
 
 async fn prepare_chat(
-    state: &AppState,
+    state: AppState,
     req: ChatRequest,
     started: Instant,
 ) -> Result<Job, ApiError> {
@@ -290,29 +310,8 @@ async fn prepare_chat(
     })
 }
 
-/// `POST /v1/completions`.
-pub async fn completions(
-    State(state): State<AppState>,
-    body: Result<JsonBody<Value>, ApiError>,
-) -> Response {
-    let _in_flight = state.metrics().start();
-    let started = Instant::now();
-    let resp = match body.and_then(|JsonBody(v)| parse_request::<CompletionRequest>(&v)) {
-        Ok(req) => prepare_completion(&state, req, started).await,
-        Err(e) => Err(e),
-    };
-    let resp = match resp {
-        Ok(job) => answer(state.clone(), job).await,
-        Err(e) => e.into_response(),
-    };
-    state
-        .metrics()
-        .request("completions", resp.status().as_u16());
-    resp
-}
-
 async fn prepare_completion(
-    state: &AppState,
+    state: AppState,
     req: CompletionRequest,
     started: Instant,
 ) -> Result<Job, ApiError> {

@@ -500,8 +500,18 @@ impl EventLoop {
     }
 }
 
+/// Whether a connection failed inside the encrypted handshake (as with another cluster key),
+/// rather than before it (the peer is down or unreachable).
 fn is_handshake_failure(msg: &str) -> bool {
     let m = msg.to_ascii_lowercase();
+    // The other side hangs up inside the handshake when it cannot decrypt what we send.
+    if m.contains("handshake failed") {
+        return true;
+    }
+    let down = ["refused", "unreachable", "timed out", "timeout", "no route"];
+    if down.iter().any(|d| m.contains(d)) {
+        return false;
+    }
     m.contains("noise")
         || m.contains("handshake")
         || m.contains("decrypt")
@@ -544,6 +554,20 @@ async fn emit(events: &mpsc::Sender<NetEvent>, ev: NetEvent) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_down_peer_is_not_reported_as_a_key_mismatch() {
+        assert!(!super::is_handshake_failure(
+            "Failed to negotiate transport protocol(s): [(/ip4/127.0.0.1/tcp/1: : Connection refused (os error 111))]"
+        ));
+        assert!(super::is_handshake_failure(
+            "Failed to negotiate transport protocol(s): noise: decrypt error"
+        ));
+        // What a dialler sees when the listener has another cluster key.
+        assert!(super::is_handshake_failure(
+            "Failed to negotiate transport protocol(s): [(/ip4/127.0.0.1/tcp/47801: : Handshake failed: Handshake failed: Connection reset by peer (os error 104))]"
+        ));
+    }
+
     #[test]
     fn addresses_parse_as_host_port_or_multiaddr() {
         assert_eq!(
