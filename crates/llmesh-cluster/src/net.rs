@@ -3,7 +3,9 @@
 //! stream of [`NetEvent`]s, and an event loop that owns the swarm. Nothing else touches the swarm.
 //!
 //! Transport: TCP, then the cluster key's private-network layer, then Noise, then yamux. Control
-//! messages and pipeline steps are request-response protocols with our own bounded codec.
+//! messages use request-response with our own bounded codec. Pipeline steps, on the hot path,
+//! use long-lived streams (one per step in flight, kept in a pool per peer and reused), so a step
+//! costs one message each way and no protocol negotiation.
 //! Discovery: mDNS (optional) and explicit peer addresses, redialled until connected.
 
 use std::collections::HashMap;
@@ -24,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::key::ClusterKey;
 use crate::wire::{
     CTL_PROTOCOL, Codec, CtlRequest, CtlResponse, STEP_PROTOCOL, StepRequest, StepResponse,
+    read_msg, write_msg,
 };
 
 /// How long a step may take end to end (a long prompt chunk on a slow node).
@@ -55,8 +58,8 @@ pub enum NetEvent {
     Expired(PeerId),
     /// A peer sent a control message; answer with [`NetClient::respond_ctl`].
     Ctl(PeerId, CtlRequest, u64),
-    /// A peer sent a pipeline step; answer with [`NetClient::respond_step`].
-    Step(PeerId, Box<StepRequest>, u64),
+    /// A peer sent a pipeline step; answer on the channel.
+    Step(PeerId, Box<StepRequest>, oneshot::Sender<StepResponse>),
     /// A connection failed before it was established (wrong cluster key, not llmesh, down).
     ConnectFailed(Option<PeerId>, String),
     /// Listening on a new address.
@@ -70,13 +73,7 @@ enum Command {
         CtlRequest,
         oneshot::Sender<Result<CtlResponse, NetError>>,
     ),
-    Step(
-        PeerId,
-        Box<StepRequest>,
-        oneshot::Sender<Result<StepResponse, NetError>>,
-    ),
     RespondCtl(u64, CtlResponse),
-    RespondStep(u64, Box<StepResponse>),
     Connected(oneshot::Sender<Vec<PeerId>>),
     Listening(oneshot::Sender<Vec<Multiaddr>>),
     Disconnect(PeerId),
@@ -87,6 +84,10 @@ enum Command {
 pub struct NetClient {
     tx: mpsc::Sender<Command>,
     local: PeerId,
+    control: libp2p_stream::Control,
+    /// Idle step streams per peer, ready for the next step.
+    pool: std::sync::Arc<std::sync::Mutex<HashMap<PeerId, Vec<libp2p::Stream>>>>,
+    rt: tokio::runtime::Handle,
 }
 
 impl NetClient {
@@ -110,40 +111,53 @@ impl NetClient {
         rx.await.map_err(|_| NetError::Stopped)?
     }
 
-    /// Sends a step and waits for the answer (async).
+    /// Sends a step and waits for the answer (async), on an idle stream to the peer or a new one.
     pub async fn step(&self, peer: PeerId, req: StepRequest) -> Result<StepResponse, NetError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Step(peer, Box::new(req), tx))
-            .await
-            .map_err(|_| NetError::Stopped)?;
-        rx.await.map_err(|_| NetError::Stopped)?
+        let pooled = self
+            .pool
+            .lock()
+            .ok()
+            .and_then(|mut p| p.get_mut(&peer).and_then(Vec::pop));
+        let mut stream = match pooled {
+            Some(s) => s,
+            None => self
+                .control
+                .clone()
+                .open_stream(peer, STEP_PROTOCOL)
+                .await
+                .map_err(|e| NetError::Unreachable(format!("{peer}: {e}")))?,
+        };
+        let exchange = async {
+            write_msg(&mut stream, &req).await?;
+            read_msg::<StepResponse, _>(&mut stream).await
+        };
+        match tokio::time::timeout(STEP_TIMEOUT, exchange).await {
+            Ok(Ok(resp)) => {
+                if let Ok(mut p) = self.pool.lock() {
+                    p.entry(peer).or_default().push(stream);
+                }
+                Ok(resp)
+            }
+            Ok(Err(e)) => Err(NetError::Unreachable(format!("{peer}: {e}"))),
+            Err(_) => Err(NetError::Unreachable(format!(
+                "{peer}: no answer in {STEP_TIMEOUT:?}"
+            ))),
+        }
     }
 
     /// Sends a step and waits for the answer, from a thread outside the async runtime.
     pub fn step_blocking(&self, peer: PeerId, req: StepRequest) -> Result<StepResponse, NetError> {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .blocking_send(Command::Step(peer, Box::new(req), tx))
-            .map_err(|_| NetError::Stopped)?;
+        let client = self.clone();
+        self.rt.spawn(async move {
+            let _ = tx.send(client.step(peer, req).await);
+        });
         rx.blocking_recv().map_err(|_| NetError::Stopped)?
     }
 
     /// Answers a control message.
     pub async fn respond_ctl(&self, id: u64, resp: CtlResponse) {
         let _ = self.tx.send(Command::RespondCtl(id, resp)).await;
-    }
-
-    /// Answers a step (callable from any thread outside the runtime).
-    pub fn respond_step_blocking(&self, id: u64, resp: StepResponse) {
-        let _ = self
-            .tx
-            .blocking_send(Command::RespondStep(id, Box::new(resp)));
-    }
-
-    /// Answers a step.
-    pub async fn respond_step(&self, id: u64, resp: StepResponse) {
-        let _ = self.tx.send(Command::RespondStep(id, Box::new(resp))).await;
     }
 
     /// Peers with an open connection.
@@ -173,7 +187,7 @@ impl NetClient {
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     ctl: request_response::Behaviour<Codec<CtlRequest, CtlResponse>>,
-    step: request_response::Behaviour<Codec<StepRequest, StepResponse>>,
+    stream: libp2p_stream::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -230,13 +244,7 @@ pub fn start(cfg: NetConfig) -> Result<(NetClient, mpsc::Receiver<NetEvent>, Eve
             [(CTL_PROTOCOL, ProtocolSupport::Full)],
             request_response::Config::default().with_request_timeout(CTL_TIMEOUT),
         ),
-        step: request_response::Behaviour::with_codec(
-            Codec::default(),
-            [(STEP_PROTOCOL, ProtocolSupport::Full)],
-            request_response::Config::default()
-                .with_request_timeout(STEP_TIMEOUT)
-                .with_max_concurrent_streams(1024),
-        ),
+        stream: libp2p_stream::Behaviour::new(),
         mdns: Toggle::from(mdns),
         identify: identify::Behaviour::new(identify::Config::new(
             "/llmesh/id/1".into(),
@@ -259,21 +267,67 @@ pub fn start(cfg: NetConfig) -> Result<(NetClient, mpsc::Receiver<NetEvent>, Eve
     }
     let (cmd_tx, cmd_rx) = mpsc::channel(1024);
     let (ev_tx, ev_rx) = mpsc::channel(4096);
+    let mut control = swarm.behaviour().stream.new_control();
+    let incoming = control
+        .accept(STEP_PROTOCOL)
+        .map_err(|_| "the step protocol is already registered".to_string())?;
+    let rt = tokio::runtime::Handle::try_current()
+        .map_err(|_| "the network needs a tokio runtime".to_string())?;
+    rt.spawn(serve_steps(incoming, ev_tx.clone()));
     Ok((
-        NetClient { tx: cmd_tx, local },
+        NetClient {
+            tx: cmd_tx,
+            local,
+            control,
+            pool: Default::default(),
+            rt,
+        },
         ev_rx,
         EventLoop {
             swarm,
             commands: cmd_rx,
             events: ev_tx,
             pending_ctl: HashMap::new(),
-            pending_step: HashMap::new(),
             inbound_ctl: HashMap::new(),
-            inbound_step: HashMap::new(),
             next_id: 0,
             fingerprint: cfg.cluster_key.fingerprint(),
         },
     ))
+}
+
+/// Answers steps arriving on inbound streams: each stream carries one step at a time, for as
+/// long as the peer keeps it.
+async fn serve_steps(mut incoming: libp2p_stream::IncomingStreams, events: mpsc::Sender<NetEvent>) {
+    while let Some((peer, mut stream)) = incoming.next().await {
+        let events = events.clone();
+        tokio::spawn(async move {
+            loop {
+                let req: StepRequest = match read_msg(&mut stream).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        if e.kind() != std::io::ErrorKind::UnexpectedEof {
+                            tracing::debug!(%peer, "step stream closed: {e}");
+                        }
+                        return;
+                    }
+                };
+                tracing::trace!(us = now_us(), "step request arrived");
+                let (tx, rx) = oneshot::channel();
+                if events
+                    .send(NetEvent::Step(peer, Box::new(req), tx))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let Ok(resp) = rx.await else { return };
+                tracing::trace!(us = now_us(), "step response to send");
+                if write_msg(&mut stream, &resp).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
 }
 
 /// The task that owns the swarm.
@@ -282,9 +336,7 @@ pub struct EventLoop {
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<NetEvent>,
     pending_ctl: HashMap<OutboundRequestId, oneshot::Sender<Result<CtlResponse, NetError>>>,
-    pending_step: HashMap<OutboundRequestId, oneshot::Sender<Result<StepResponse, NetError>>>,
     inbound_ctl: HashMap<u64, ResponseChannel<CtlResponse>>,
-    inbound_step: HashMap<u64, ResponseChannel<StepResponse>>,
     next_id: u64,
     fingerprint: String,
 }
@@ -327,20 +379,9 @@ impl EventLoop {
                 let id = self.swarm.behaviour_mut().ctl.send_request(&peer, req);
                 self.pending_ctl.insert(id, reply);
             }
-            Command::Step(peer, req, reply) => {
-                tracing::trace!(us = now_us(), "step command to send");
-                let id = self.swarm.behaviour_mut().step.send_request(&peer, *req);
-                self.pending_step.insert(id, reply);
-            }
             Command::RespondCtl(id, resp) => {
                 if let Some(ch) = self.inbound_ctl.remove(&id) {
                     let _ = self.swarm.behaviour_mut().ctl.send_response(ch, resp);
-                }
-            }
-            Command::RespondStep(id, resp) => {
-                tracing::trace!(us = now_us(), "step response to send");
-                if let Some(ch) = self.inbound_step.remove(&id) {
-                    let _ = self.swarm.behaviour_mut().step.send_response(ch, *resp);
                 }
             }
             Command::Connected(reply) => {
@@ -413,7 +454,6 @@ impl EventLoop {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Ctl(ev)) => self.on_ctl(ev).await,
-            SwarmEvent::Behaviour(BehaviourEvent::Step(ev)) => self.on_step(ev).await,
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 info,
@@ -453,45 +493,6 @@ impl EventLoop {
                 ..
             } => {
                 if let Some(tx) = self.pending_ctl.remove(&request_id) {
-                    let _ = tx.send(Err(NetError::Unreachable(format!("{peer}: {error}"))));
-                }
-            }
-            _ => {}
-        }
-    }
-
-    async fn on_step(&mut self, ev: request_response::Event<StepRequest, StepResponse>) {
-        match ev {
-            request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request {
-                    request, channel, ..
-                } => {
-                    tracing::trace!(us = now_us(), "step request arrived");
-                    self.next_id += 1;
-                    self.inbound_step.insert(self.next_id, channel);
-                    emit(
-                        &self.events,
-                        NetEvent::Step(peer, Box::new(request), self.next_id),
-                    )
-                    .await;
-                }
-                request_response::Message::Response {
-                    request_id,
-                    response,
-                } => {
-                    tracing::trace!(us = now_us(), "step response arrived");
-                    if let Some(tx) = self.pending_step.remove(&request_id) {
-                        let _ = tx.send(Ok(response));
-                    }
-                }
-            },
-            request_response::Event::OutboundFailure {
-                request_id,
-                error,
-                peer,
-                ..
-            } => {
-                if let Some(tx) = self.pending_step.remove(&request_id) {
                     let _ = tx.send(Err(NetError::Unreachable(format!("{peer}: {error}"))));
                 }
             }

@@ -440,11 +440,10 @@ async fn handle_events(inner: Weak<Inner>, mut events: tokio::sync::mpsc::Receiv
                 };
                 inner.net.respond_ctl(id, resp).await;
             }
-            NetEvent::Step(_peer, req, id) => {
+            NetEvent::Step(_peer, req, reply) => {
                 let i = inner.clone();
                 inner.rt.spawn_blocking(move || {
-                    let resp = crate::pipeline::handle_step(&i, *req);
-                    i.net.respond_step_blocking(id, resp);
+                    let _ = reply.send(crate::pipeline::handle_step(&i, *req));
                 });
             }
             NetEvent::ConnectFailed(..) => {}

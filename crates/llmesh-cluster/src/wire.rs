@@ -239,7 +239,8 @@ impl<Req, Resp> Clone for Codec<Req, Resp> {
     }
 }
 
-async fn read_msg<T: DeserializeOwned, R: futures::AsyncRead + Unpin + Send>(
+/// Reads one length-prefixed message.
+pub async fn read_msg<T: DeserializeOwned, R: futures::AsyncRead + Unpin + Send>(
     io: &mut R,
 ) -> io::Result<T> {
     let mut len = [0u8; 4];
@@ -261,7 +262,8 @@ async fn read_msg<T: DeserializeOwned, R: futures::AsyncRead + Unpin + Send>(
     })
 }
 
-async fn write_msg<T: Serialize, W: futures::AsyncWrite + Unpin + Send>(
+/// Writes one length-prefixed message and flushes.
+pub async fn write_msg<T: Serialize, W: futures::AsyncWrite + Unpin + Send>(
     io: &mut W,
     msg: &T,
 ) -> io::Result<()> {

@@ -123,6 +123,22 @@ fn three_nodes_on_loopback_answer_as_one_node() {
         .map(|n| completion(n, json!({"model": "model", "prompt": "Once", "max_tokens": 30, "temperature": 0.9, "seed": 11})))
         .collect();
     assert!(sampled.iter().all(|s| *s == sampled[0]), "{sampled:?}");
+    // Requests in flight at once, through different entry nodes, do not mix.
+    let alone: Vec<String> = (0..8)
+        .map(|seed| completion(&nodes[0], json!({"model": "model", "prompt": "Once", "max_tokens": 20, "temperature": 1.0, "seed": seed})))
+        .collect();
+    let together: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|seed| {
+                let node = &nodes[seed % 3];
+                s.spawn(move || {
+                    completion(node, json!({"model": "model", "prompt": "Once", "max_tokens": 20, "temperature": 1.0, "seed": seed}))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(together, alone);
 }
 
 #[test]
