@@ -31,6 +31,9 @@ use crate::wire::{
 
 /// How long a step may take end to end (a long prompt chunk on a slow node).
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(300);
+/// The byte a node sends on a step stream it accepted.
+const STREAM_GREETING: u8 = 0x4c;
+
 /// How long a control message may take.
 pub const CTL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -118,17 +121,30 @@ impl NetClient {
             .lock()
             .ok()
             .and_then(|mut p| p.get_mut(&peer).and_then(Vec::pop));
-        let mut stream = match pooled {
-            Some(s) => s,
-            None => self
-                .control
-                .clone()
-                .open_stream(peer, STEP_PROTOCOL)
-                .await
-                .map_err(|e| NetError::Unreachable(format!("{peer}: {e}")))?,
-        };
+        if let Some(stream) = pooled {
+            // A pooled stream the peer has since closed fails before anything was processed;
+            // anything else is a real failure.
+            match self.exchange(peer, stream, &req).await {
+                Err(NetError::Unreachable(e))
+                    if e.contains("end of file") || e.contains("reset") =>
+                {
+                    tracing::debug!(%peer, "a pooled step stream was closed: {e}");
+                }
+                other => return other,
+            }
+        }
+        let stream = self.open_step_stream(peer).await?;
+        self.exchange(peer, stream, &req).await
+    }
+
+    async fn exchange(
+        &self,
+        peer: PeerId,
+        mut stream: libp2p::Stream,
+        req: &StepRequest,
+    ) -> Result<StepResponse, NetError> {
         let exchange = async {
-            write_msg(&mut stream, &req).await?;
+            write_msg(&mut stream, req).await?;
             read_msg::<StepResponse, _>(&mut stream).await
         };
         match tokio::time::timeout(STEP_TIMEOUT, exchange).await {
@@ -143,6 +159,36 @@ impl NetClient {
                 "{peer}: no answer in {STEP_TIMEOUT:?}"
             ))),
         }
+    }
+
+    /// Opens a step stream and waits for the peer's greeting: a peer under load may drop an
+    /// inbound stream it cannot accept yet (nothing was sent on it, so trying again is safe).
+    async fn open_step_stream(&self, peer: PeerId) -> Result<libp2p::Stream, NetError> {
+        use futures::AsyncReadExt;
+        let mut last = String::new();
+        for attempt in 0..8u64 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(10 * attempt)).await;
+            }
+            let mut stream = match self.control.clone().open_stream(peer, STEP_PROTOCOL).await {
+                Ok(s) => s,
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
+            let mut hello = [0u8; 1];
+            match tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut hello)).await
+            {
+                Ok(Ok(())) if hello[0] == STREAM_GREETING => return Ok(stream),
+                Ok(Ok(())) => last = "unexpected greeting".into(),
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = "no greeting".into(),
+            }
+        }
+        Err(NetError::Unreachable(format!(
+            "{peer}: cannot open a step stream: {last}"
+        )))
     }
 
     /// Sends a step and waits for the answer, from a thread outside the async runtime.
@@ -301,6 +347,11 @@ async fn serve_steps(mut incoming: libp2p_stream::IncomingStreams, events: mpsc:
     while let Some((peer, mut stream)) = incoming.next().await {
         let events = events.clone();
         tokio::spawn(async move {
+            use futures::AsyncWriteExt;
+            if stream.write_all(&[STREAM_GREETING]).await.is_err() || stream.flush().await.is_err()
+            {
+                return;
+            }
             loop {
                 let req: StepRequest = match read_msg(&mut stream).await {
                     Ok(r) => r,
