@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
-use candle_core::{D, DType, Device, Module, Tensor};
+use candle_core::{D, DType, Device, Module, Storage, Tensor};
+use llmesh_kernels::QMatrix;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -107,17 +108,26 @@ impl ShardOutput {
 /// A linear layer `y = x Wᵀ + b` over a dense or quantized weight.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: QMatMul,
+    weight: LinearWeight,
     bias: Option<Tensor>,
     bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+enum LinearWeight {
+    /// llmesh's kernels over the stored blocks.
+    Packed(Arc<QMatrix>),
+    /// candle (dense f32, or storage types without an llmesh kernel).
+    Candle(QMatMul),
 }
 
 impl Linear {
     fn new(weight: Weight, bias: Option<Tensor>) -> Self {
         let bytes = weight.size_in_bytes() + bias.as_ref().map_or(0, |b| b.elem_count() * 4);
         let weight = match weight {
-            Weight::Dense(t) => QMatMul::Tensor(t),
-            Weight::Quantized(q) => QMatMul::QTensor(q),
+            Weight::Dense(t) => LinearWeight::Candle(QMatMul::Tensor(t)),
+            Weight::Packed(m) => LinearWeight::Packed(m),
+            Weight::Quantized(q) => LinearWeight::Candle(QMatMul::QTensor(q)),
         };
         Linear {
             weight,
@@ -127,12 +137,46 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(x)?;
+        let y = match &self.weight {
+            LinearWeight::Candle(w) => w.forward(x)?,
+            LinearWeight::Packed(w) => packed_matmul(w, x)?,
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
     }
+}
+
+/// `x Wᵀ` for `x` of shape `[..., cols]` (f32) with llmesh's kernels.
+fn packed_matmul(w: &QMatrix, x: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = dims.last().copied().unwrap_or(0);
+    let m = x.elem_count() / k.max(1);
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let mut y = vec![0f32; m * w.rows()];
+    with_f32_slice(&x, |xs| {
+        w.matmul(xs, m, &mut y)
+            .map_err(|e| Error::Invalid(e.to_string()))
+    })?;
+    let mut out_dims = dims;
+    if let Some(last) = out_dims.last_mut() {
+        *last = w.rows();
+    }
+    Ok(Tensor::from_vec(y, out_dims, &Device::Cpu)?)
+}
+
+/// Calls `f` with the values of a contiguous f32 CPU tensor, without copying them.
+fn with_f32_slice<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+    let (storage, layout) = x.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::Invalid("llmesh kernels run on CPU tensors".into()));
+    };
+    let all = cpu.as_slice::<f32>()?;
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::Invalid("a kernel input must be contiguous".into()))?;
+    f(&all[start..end])
 }
 
 #[derive(Debug, Clone)]
@@ -157,21 +201,39 @@ impl RmsNorm {
 #[derive(Debug, Clone)]
 enum Embedding {
     Dense(Tensor),
+    Packed(Arc<QMatrix>),
     Quantized(Arc<candle_core::quantized::QTensor>),
 }
 
 impl Embedding {
-    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+    fn forward(&self, ids: &[u32]) -> Result<Tensor> {
         Ok(match self {
-            Embedding::Dense(t) => t.index_select(ids, 0)?,
-            Embedding::Quantized(q) => q.embedding(ids)?,
+            Embedding::Dense(t) => t.index_select(&Tensor::new(ids, &Device::Cpu)?, 0)?,
+            Embedding::Packed(m) => {
+                let width = m.cols();
+                let mut out = vec![0f32; ids.len() * width];
+                for (o, &id) in out.chunks_exact_mut(width).zip(ids) {
+                    m.dequantize_row_into(id as usize, o);
+                }
+                Tensor::from_vec(out, (ids.len(), width), &Device::Cpu)?
+            }
+            Embedding::Quantized(q) => q.embedding(&Tensor::new(ids, &Device::Cpu)?)?,
         })
     }
 
     fn size_in_bytes(&self) -> usize {
         match self {
             Embedding::Dense(t) => t.elem_count() * 4,
+            Embedding::Packed(m) => m.size_in_bytes(),
             Embedding::Quantized(q) => q.storage_size_in_bytes(),
+        }
+    }
+
+    fn into_weight(self) -> Weight {
+        match self {
+            Embedding::Dense(t) => Weight::Dense(t),
+            Embedding::Packed(m) => Weight::Packed(m),
+            Embedding::Quantized(q) => Weight::Quantized(q),
         }
     }
 }
@@ -402,6 +464,7 @@ impl Shard {
             Some(
                 match src.matrix(WeightName::Embed, cfg.vocab_size, cfg.hidden_size)? {
                     Weight::Dense(t) => Embedding::Dense(t),
+                    Weight::Packed(m) => Embedding::Packed(m),
                     Weight::Quantized(q) => Embedding::Quantized(q),
                 },
             )
@@ -421,8 +484,7 @@ impl Shard {
             )?;
             let weight = if cfg.tie_word_embeddings && !src.contains(WeightName::LmHead) {
                 match embed.as_ref() {
-                    Some(Embedding::Dense(t)) => Weight::Dense(t.clone()),
-                    Some(Embedding::Quantized(q)) => Weight::Quantized(q.clone()),
+                    Some(e) => e.clone().into_weight(),
                     None => {
                         return Err(Error::Invalid(
                             "tied output head without an embedding".into(),
@@ -521,8 +583,7 @@ impl Shard {
                         self.config.vocab_size
                     )));
                 }
-                let ids = Tensor::new(ids, &Device::Cpu)?;
-                embed.forward(&ids)?.unsqueeze(0)?
+                embed.forward(ids)?.unsqueeze(0)?
             }
             (ShardInput::Hidden(h), None) => {
                 let (b, _, width) = h.dims3()?;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 use half::{bf16, f16};
+use llmesh_kernels::{QMatrix, QType};
 
 use crate::error::Result;
 
@@ -143,7 +144,10 @@ impl WeightName {
 pub enum Weight {
     /// A dense f32 matrix `[out, in]`.
     Dense(Tensor),
-    /// A matrix `[out, in]` kept in a ggml storage type (quantized, f16 or bf16).
+    /// A matrix `[out, in]` kept in a ggml storage type that llmesh's own kernels multiply
+    /// (f16, bf16, Q8_0, Q4_0, Q4_K, Q6_K).
+    Packed(Arc<QMatrix>),
+    /// A matrix `[out, in]` kept in another ggml storage type, multiplied by candle.
     Quantized(Arc<QTensor>),
 }
 
@@ -152,6 +156,7 @@ impl Weight {
     pub fn dims(&self) -> Vec<usize> {
         match self {
             Weight::Dense(t) => t.dims().to_vec(),
+            Weight::Packed(m) => vec![m.rows(), m.cols()],
             Weight::Quantized(q) => q.shape().dims().to_vec(),
         }
     }
@@ -160,6 +165,7 @@ impl Weight {
     pub fn size_in_bytes(&self) -> usize {
         match self {
             Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Weight::Packed(m) => m.size_in_bytes(),
             Weight::Quantized(q) => q.storage_size_in_bytes(),
         }
     }
@@ -168,6 +174,9 @@ impl Weight {
     pub fn to_f32(&self) -> Result<Tensor> {
         Ok(match self {
             Weight::Dense(t) => t.clone(),
+            Weight::Packed(m) => {
+                Tensor::from_vec(m.dequantize(), (m.rows(), m.cols()), &Device::Cpu)?
+            }
             Weight::Quantized(q) => q.dequantize(&Device::Cpu)?,
         })
     }
@@ -223,6 +232,11 @@ pub(crate) fn weight_from_bytes(
             &Device::Cpu,
         )?));
     }
+    if let Some(ty) = kernel_type(dtype) {
+        let m = QMatrix::new(ty, rows, cols, bytes.to_vec())
+            .map_err(|e| crate::error::Error::Invalid(e.to_string()))?;
+        return Ok(Weight::Packed(Arc::new(m)));
+    }
     // candle reinterprets the bytes as blocks, which needs them aligned; copy when they are not.
     let aligned: Cow<'_, [u8]> = if (bytes.as_ptr() as usize).is_multiple_of(16) {
         Cow::Borrowed(bytes)
@@ -234,6 +248,19 @@ pub(crate) fn weight_from_bytes(
         storage,
         (rows, cols),
     )?)))
+}
+
+/// The kernel type of a ggml storage type, where llmesh has its own kernel.
+pub(crate) fn kernel_type(dtype: GgmlDType) -> Option<QType> {
+    Some(match dtype {
+        GgmlDType::F16 => QType::F16,
+        GgmlDType::BF16 => QType::BF16,
+        GgmlDType::Q8_0 => QType::Q8_0,
+        GgmlDType::Q4_0 => QType::Q4_0,
+        GgmlDType::Q4K => QType::Q4K,
+        GgmlDType::Q6K => QType::Q6K,
+        _ => return None,
+    })
 }
 
 fn aligned_copy(bytes: &[u8]) -> Vec<u8> {

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{TestNode, make_model, ready_plan, wait_for};
+use support::{TestNode, agreed_plan, make_model, wait_for, wait_for_nodes};
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip")
@@ -144,7 +144,12 @@ fn nodes_in_namespaces_find_each_other_by_mdns() {
         found.as_secs_f64()
     );
     assert!(found < Duration::from_secs(10), "{found:?}");
-    let plan = wait_for("a plan", Duration::from_secs(60), || ready_plan(&nodes[0]));
+    let plan = wait_for_nodes(
+        "one plan on all nodes",
+        Duration::from_secs(60),
+        &nodes,
+        || agreed_plan(&nodes),
+    );
     assert!(
         plan.len() >= 2,
         "the model should need more than one node: {plan:?}"
@@ -165,13 +170,15 @@ fn nodes_in_namespaces_find_each_other_by_mdns() {
         .unwrap();
     let want: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for n in &nodes {
-        wait_for(
-            "the node to agree on the plan",
-            Duration::from_secs(30),
-            || (ready_plan(n).as_ref() == Some(&plan)).then_some(()),
-        );
         let r = n.post("/v1/completions", &json!({"model": "model", "prompt": "Hello from the LAN", "max_tokens": 20, "temperature": 0}));
-        assert_eq!(r.status, 200, "{}: {}", n.name, r.body);
+        assert_eq!(
+            r.status,
+            200,
+            "{}: {}\n{}",
+            n.name,
+            r.body,
+            support::describe(&nodes)
+        );
         assert_eq!(
             r.json()["choices"][0]["text"],
             want["text"],

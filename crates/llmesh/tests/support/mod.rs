@@ -251,6 +251,55 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
+/// Polls `f` like [`wait_for`]; on timeout the panic shows each node's topology and log tail.
+pub fn wait_for_nodes<T>(
+    what: &str,
+    timeout: Duration,
+    nodes: &[TestNode],
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > end {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                describe(nodes)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Each node's topology and the last lines of its log, for failure messages.
+pub fn describe(nodes: &[TestNode]) -> String {
+    let mut out = String::new();
+    for n in nodes {
+        let topo = n.get("/v1/topology").map_or("(no answer)".into(), |t| {
+            serde_json::json!({"nodes": t["nodes"], "plan": t["plan"]}).to_string()
+        });
+        let log = n.log_text();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+        out.push_str(&format!(
+            "--- {} topology: {topo}\n--- {} log (last 30 lines):\n{tail}\n",
+            n.name, n.name
+        ));
+    }
+    out
+}
+
+/// The plan every node reports once all report the same one with every hop loaded.
+pub fn agreed_plan(nodes: &[TestNode]) -> Option<Vec<(String, usize, usize)>> {
+    let first = ready_plan(nodes.first()?)?;
+    nodes[1..]
+        .iter()
+        .all(|n| ready_plan(n).as_ref() == Some(&first))
+        .then_some(first)
+}
+
 /// The plan a node reports, as (name, start, end), once every hop has loaded its layers.
 pub fn ready_plan(node: &TestNode) -> Option<Vec<(String, usize, usize)>> {
     let topo = node.get("/v1/topology")?;

@@ -1,0 +1,145 @@
+//! Activations in the form each weight type's kernel consumes. As in llama.cpp, activations are
+//! quantised to 8 bits per row before a quantized product, so the inner loops are integer dot
+//! products: blocks of 32 with one scale each for Q8_0 and Q4_0 weights, super-blocks of 256
+//! with one scale and sixteen partial sums for the k-quants.
+
+use crate::formats::QType;
+
+/// Which activation form a weight type uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ActKind {
+    /// The f32 values as given.
+    F32,
+    /// 8-bit blocks of 32, an f32 scale per block.
+    Q8,
+    /// 8-bit super-blocks of 256, an f32 scale per super-block, sums of each 16 values.
+    Q8K,
+}
+
+impl ActKind {
+    pub(crate) fn of(ty: QType) -> Self {
+        match ty {
+            QType::F32 | QType::F16 | QType::BF16 => ActKind::F32,
+            QType::Q8_0 | QType::Q4_0 => ActKind::Q8,
+            QType::Q4K | QType::Q6K => ActKind::Q8K,
+        }
+    }
+}
+
+/// `m` rows of `k` activations, quantised for one weight type.
+pub(crate) struct Acts<'a> {
+    pub k: usize,
+    /// The f32 values (always kept: the f32 kernels read them).
+    pub f: &'a [f32],
+    /// 8-bit values, `m * k`.
+    pub q: Vec<i8>,
+    /// Scales: per 32 values (Q8) or per 256 (Q8K).
+    pub d: Vec<f32>,
+    /// Sums of each 16 quantised values (Q8K only).
+    pub bsums: Vec<i16>,
+    /// Sums of each block's 32 quantised values (Q8 only).
+    pub sums: Vec<i32>,
+}
+
+/// One activation row's parts.
+#[derive(Clone, Copy)]
+pub(crate) struct ActRow<'a> {
+    pub f: &'a [f32],
+    pub q: &'a [i8],
+    pub d: &'a [f32],
+    pub bsums: &'a [i16],
+    pub sums: &'a [i32],
+}
+
+impl<'a> Acts<'a> {
+    /// Quantises `x` (`m` rows of `k`) for weights of type `ty`.
+    pub(crate) fn new(ty: QType, x: &'a [f32], k: usize) -> Self {
+        let mut a = Acts {
+            k,
+            f: x,
+            q: Vec::new(),
+            d: Vec::new(),
+            bsums: Vec::new(),
+            sums: Vec::new(),
+        };
+        match ActKind::of(ty) {
+            ActKind::F32 => {}
+            ActKind::Q8 => {
+                a.q = vec![0; x.len()];
+                a.d = vec![0.0; x.len() / 32];
+                for ((xb, qb), d) in x
+                    .chunks_exact(32)
+                    .zip(a.q.chunks_exact_mut(32))
+                    .zip(a.d.iter_mut())
+                {
+                    *d = quantize_block(xb, qb);
+                }
+                a.sums =
+                    a.q.chunks_exact(32)
+                        .map(|b| b.iter().map(|&v| i32::from(v)).sum())
+                        .collect();
+            }
+            ActKind::Q8K => {
+                a.q = vec![0; x.len()];
+                a.d = vec![0.0; x.len() / 256];
+                a.bsums = vec![0; x.len() / 16];
+                for ((xb, qb), d) in x
+                    .chunks_exact(256)
+                    .zip(a.q.chunks_exact_mut(256))
+                    .zip(a.d.iter_mut())
+                {
+                    *d = quantize_block(xb, qb);
+                }
+                for (s, qb) in a.bsums.iter_mut().zip(a.q.chunks_exact(16)) {
+                    *s = qb.iter().map(|&v| i16::from(v)).sum();
+                }
+            }
+        }
+        a
+    }
+
+    /// Row `i`.
+    #[inline]
+    pub(crate) fn row(&self, i: usize) -> ActRow<'_> {
+        let k = self.k;
+        let per = |len: usize, block: usize| {
+            if len == 0 {
+                0..0
+            } else {
+                i * k / block..(i + 1) * k / block
+            }
+        };
+        let dblock = if self.bsums.is_empty() { 32 } else { 256 };
+        ActRow {
+            f: &self.f[i * k..(i + 1) * k],
+            q: if self.q.is_empty() {
+                &[]
+            } else {
+                &self.q[i * k..(i + 1) * k]
+            },
+            d: &self.d[per(self.d.len(), dblock)],
+            bsums: &self.bsums[per(self.bsums.len(), 16)],
+            sums: &self.sums[per(self.sums.len(), 32)],
+        }
+    }
+}
+
+/// Quantises `x` to `q` with one scale (round to nearest); returns the scale.
+fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
+    let (mut amax, mut finite) = (0f32, true);
+    for v in x {
+        finite &= v.is_finite();
+        amax = amax.max(v.abs());
+    }
+    if !finite || amax == 0.0 {
+        // A NaN scale makes every product with this block NaN, as the f32 product would be.
+        q.fill(0);
+        return if finite { 0.0 } else { f32::NAN };
+    }
+    let d = amax / 127.0;
+    let id = 1.0 / d;
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = (v * id).round() as i8;
+    }
+    d
+}

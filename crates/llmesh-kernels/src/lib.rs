@@ -1,0 +1,469 @@
+//! Matrix products over weights kept in their stored GGUF form: `y = x Wᵀ` where `W` is a
+//! `[rows, cols]` matrix of f32, f16, bf16, Q8_0, Q4_0, Q4_K or Q6_K blocks and `x` is `m` rows
+//! of f32 activations.
+//!
+//! * Weights are never widened: each kernel reads the blocks as stored (no second copy in
+//!   memory, and the fewest bytes read per token, which is what decode speed is bound by).
+//! * Activations are quantised to 8 bits once per product for the quantized types, so the inner
+//!   loops are integer dot products (SIMD on x86-64 with AVX2/FMA/F16C; a portable path
+//!   elsewhere).
+//! * Rows of `W` are split between the threads of rayon's global pool; for a prompt (`m > 1`)
+//!   each weight row is unpacked once for four activation rows at a time, and a thread's block
+//!   of weight rows is reused for a tile of activation rows while it is in cache.
+
+mod act;
+mod formats;
+mod portable;
+mod repack;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+pub use formats::{QType, dequantize_row};
+
+use act::{ActRow, Acts};
+
+/// What can be wrong with a matrix or a product's operands.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum KernelError {
+    /// The byte length does not match the type and shape.
+    #[error("a {ty} matrix of {rows}×{cols} takes {expected} bytes, got {got}")]
+    Size {
+        /// Storage type.
+        ty: QType,
+        /// Rows.
+        rows: usize,
+        /// Columns.
+        cols: usize,
+        /// Bytes expected.
+        expected: usize,
+        /// Bytes given.
+        got: usize,
+    },
+    /// The row length is not a whole number of blocks.
+    #[error("a {ty} row of {cols} values is not a whole number of {block}-value blocks")]
+    Blocks {
+        /// Storage type.
+        ty: QType,
+        /// Columns.
+        cols: usize,
+        /// Block size.
+        block: usize,
+    },
+    /// The operands of a product do not fit the matrix.
+    #[error("operands do not fit a {rows}×{cols} matrix: {what}")]
+    Operands {
+        /// Rows.
+        rows: usize,
+        /// Columns.
+        cols: usize,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+/// Which implementation runs the products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The fastest this CPU supports.
+    Auto,
+    /// The portable scalar kernels (for comparison and tests).
+    Portable,
+}
+
+fn simd_available() -> bool {
+    static SIMD: OnceLock<bool> = OnceLock::new();
+    *SIMD.get_or_init(|| {
+        if std::env::var("LLMESH_KERNELS").is_ok_and(|v| v == "portable") {
+            return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            x86::available()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// The name of the kernel set [`Backend::Auto`] uses on this CPU.
+pub fn kernel_name() -> &'static str {
+    if simd_available() { "avx2" } else { "portable" }
+}
+
+/// A weight matrix `[rows, cols]` in its stored form.
+///
+/// On CPUs with a SIMD path, Q4_0 and Q8_0 rows are reordered in groups of eight (see
+/// `repack`); the byte count never changes.
+#[derive(Clone)]
+pub struct QMatrix {
+    ty: QType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    /// Rows `0..grouped` are stored in interleaved groups of eight; the rest as in the file.
+    grouped: usize,
+    data: Vec<u8>,
+}
+
+impl std::fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QMatrix({} {}×{})", self.ty, self.rows, self.cols)
+    }
+}
+
+impl QMatrix {
+    /// Takes `data` as `rows` rows of `cols` values stored as `ty` (the file's layout).
+    pub fn new(ty: QType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, KernelError> {
+        let block = ty.block_elems();
+        if !cols.is_multiple_of(block) {
+            return Err(KernelError::Blocks { ty, cols, block });
+        }
+        let row_bytes = ty.row_bytes(cols);
+        let expected = row_bytes * rows;
+        if data.len() != expected {
+            return Err(KernelError::Size {
+                ty,
+                rows,
+                cols,
+                expected,
+                got: data.len(),
+            });
+        }
+        let mut m = QMatrix {
+            ty,
+            rows,
+            cols,
+            row_bytes,
+            grouped: 0,
+            data,
+        };
+        if simd_available() && repack::interleaves(ty) {
+            m.interleave();
+        }
+        Ok(m)
+    }
+
+    /// Reorders whole groups of eight rows in place (one group of scratch space).
+    fn interleave(&mut self) {
+        let gb = 8 * self.row_bytes;
+        let groups = self.rows / 8;
+        let mut scratch = vec![0u8; gb];
+        for g in 0..groups {
+            let src = &mut self.data[g * gb..(g + 1) * gb];
+            repack::pack8(self.ty, src, self.row_bytes, &mut scratch);
+            src.copy_from_slice(&scratch);
+        }
+        self.grouped = groups * 8;
+    }
+
+    /// The storage type.
+    pub fn qtype(&self) -> QType {
+        self.ty
+    }
+
+    /// Rows (output features).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns (input features).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes held.
+    pub fn size_in_bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// The stored bytes of row `r` in the file's layout.
+    pub fn row(&self, r: usize) -> std::borrow::Cow<'_, [u8]> {
+        if r < self.grouped {
+            let g = r / 8;
+            std::borrow::Cow::Owned(repack::unpack_row(
+                self.ty,
+                self.group(g),
+                self.row_bytes,
+                r % 8,
+            ))
+        } else {
+            std::borrow::Cow::Borrowed(self.plain_row(r))
+        }
+    }
+
+    fn plain_row(&self, r: usize) -> &[u8] {
+        &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+
+    fn group(&self, g: usize) -> &[u8] {
+        let gb = 8 * self.row_bytes;
+        &self.data[g * gb..(g + 1) * gb]
+    }
+
+    /// Row `r` widened to f32 into `out` (`cols` long).
+    pub fn dequantize_row_into(&self, r: usize, out: &mut [f32]) {
+        dequantize_row(self.ty, &self.row(r), &mut out[..self.cols]);
+    }
+
+    /// The whole matrix widened to f32, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        for (r, o) in out.chunks_exact_mut(self.cols).enumerate() {
+            self.dequantize_row_into(r, o);
+        }
+        out
+    }
+
+    /// `y = x Wᵀ` for `m` rows of `x` (`m × cols`, row-major) into `y` (`m × rows`).
+    pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<(), KernelError> {
+        self.matmul_with(Backend::Auto, x, m, y)
+    }
+
+    /// [`QMatrix::matmul`] on a chosen backend.
+    pub fn matmul_with(
+        &self,
+        backend: Backend,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+    ) -> Result<(), KernelError> {
+        let (n, k) = (self.rows, self.cols);
+        if x.len() != m * k || y.len() != m * n {
+            return Err(KernelError::Operands {
+                rows: n,
+                cols: k,
+                what: format!(
+                    "{} inputs and {} outputs for {m} rows (want {} and {})",
+                    x.len(),
+                    y.len(),
+                    m * k,
+                    m * n
+                ),
+            });
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let simd = backend == Backend::Auto && simd_available();
+        let acts = Acts::new(self.ty, x, k);
+        let threads = rayon::current_num_threads().max(1);
+        // Enough tasks to balance uneven cores, each a whole number of 8-row groups.
+        let chunk = n.div_ceil(threads * 4).div_ceil(8).max(1) * 8;
+        if m == 1 {
+            y.par_chunks_mut(chunk).enumerate().for_each(|(t, out)| {
+                self.tile(simd, &acts, 1, t * chunk..t * chunk + out.len(), out);
+            });
+            return Ok(());
+        }
+        let parts: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(chunk))
+            .into_par_iter()
+            .map(|t| {
+                let rows = t * chunk..((t + 1) * chunk).min(n);
+                let mut out = vec![0f32; m * rows.len()];
+                self.tile(simd, &acts, m, rows.clone(), &mut out);
+                (rows.start, out)
+            })
+            .collect();
+        for (r0, out) in parts {
+            let width = out.len() / m;
+            for (i, o) in out.chunks_exact(width).enumerate() {
+                y[i * n + r0..i * n + r0 + width].copy_from_slice(o);
+            }
+        }
+        Ok(())
+    }
+
+    /// Weight rows `rows` (starting on a multiple of 8) against all `m` activation rows, into
+    /// `out` (`m × rows.len()`).
+    fn tile(
+        &self,
+        simd: bool,
+        acts: &Acts<'_>,
+        m: usize,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        // Activation rows per pass: their 8-bit copies stay in the L2 cache while the thread's
+        // weight rows stream past them.
+        const MT: usize = 32;
+        let width = rows.len();
+        for i0 in (0..m).step_by(MT) {
+            let i1 = (i0 + MT).min(m);
+            let mut j = rows.start;
+            while j < rows.end {
+                let jj = j - rows.start;
+                if j < self.grouped && simd {
+                    let g = j / 8;
+                    let mut i = i0;
+                    while i + 4 <= i1 {
+                        let r = self.group_dots::<4>(
+                            g,
+                            [
+                                acts.row(i),
+                                acts.row(i + 1),
+                                acts.row(i + 2),
+                                acts.row(i + 3),
+                            ],
+                        );
+                        for (d, lanes) in r.iter().enumerate() {
+                            out[(i + d) * width + jj..(i + d) * width + jj + 8]
+                                .copy_from_slice(lanes);
+                        }
+                        i += 4;
+                    }
+                    while i < i1 {
+                        let [lanes] = self.group_dots::<1>(g, [acts.row(i)]);
+                        out[i * width + jj..i * width + jj + 8].copy_from_slice(&lanes);
+                        i += 1;
+                    }
+                    j += 8;
+                    continue;
+                }
+                #[cfg(target_arch = "x86_64")]
+                if simd && j + 2 <= rows.end && i1 - i0 >= 4 {
+                    if let Some(kind) = self.float_kind() {
+                        self.float_pair(kind, j, acts, i0..i1, jj, width, out);
+                        j += 2;
+                        continue;
+                    }
+                }
+                let w = self.row(j);
+                let mut i = i0;
+                while i + 4 <= i1 {
+                    let r = self.dots::<4>(
+                        simd,
+                        &w,
+                        [
+                            acts.row(i),
+                            acts.row(i + 1),
+                            acts.row(i + 2),
+                            acts.row(i + 3),
+                        ],
+                    );
+                    for (d, v) in r.into_iter().enumerate() {
+                        out[(i + d) * width + jj] = v;
+                    }
+                    i += 4;
+                }
+                while i < i1 {
+                    out[i * width + jj] = self.dots::<1>(simd, &w, [acts.row(i)])[0];
+                    i += 1;
+                }
+                j += 1;
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn float_kind(&self) -> Option<x86::Float> {
+        match self.ty {
+            QType::F32 => Some(x86::Float::F32),
+            QType::F16 => Some(x86::Float::F16),
+            QType::BF16 => Some(x86::Float::BF16),
+            _ => None,
+        }
+    }
+
+    /// Float weight rows `j` and `j + 1` against activation rows `is` (SIMD only), into
+    /// columns `jj` and `jj + 1` of `out`.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    fn float_pair(
+        &self,
+        kind: x86::Float,
+        j: usize,
+        acts: &Acts<'_>,
+        is: std::ops::Range<usize>,
+        jj: usize,
+        width: usize,
+        out: &mut [f32],
+    ) {
+        let ws = [self.plain_row(j), self.plain_row(j + 1)];
+        let mut i = is.start;
+        while i < is.end {
+            let n = (is.end - i).min(4);
+            let mut r = [[0f32; 2]; 4];
+            // SAFETY: callers pass `simd` only when x86::available() holds; rows and
+            // activations have the matrix's width.
+            unsafe {
+                if n == 4 {
+                    let t = x86::float_tile::<2, 4>(
+                        kind,
+                        ws,
+                        [
+                            acts.row(i),
+                            acts.row(i + 1),
+                            acts.row(i + 2),
+                            acts.row(i + 3),
+                        ],
+                    );
+                    for (a, v) in r.iter_mut().enumerate() {
+                        *v = [t[0][a], t[1][a]];
+                    }
+                } else {
+                    for (a, v) in r.iter_mut().enumerate().take(n) {
+                        let t = x86::float_tile::<2, 1>(kind, ws, [acts.row(i + a)]);
+                        *v = [t[0][0], t[1][0]];
+                    }
+                }
+            }
+            for (d, v) in r.iter().enumerate().take(n) {
+                out[(i + d) * width + jj] = v[0];
+                out[(i + d) * width + jj + 1] = v[1];
+            }
+            i += n;
+        }
+    }
+
+    /// An interleaved group of eight rows against `M` activation rows (SIMD only).
+    #[inline]
+    fn group_dots<const M: usize>(&self, g: usize, xs: [ActRow<'_>; M]) -> [[f32; 8]; M] {
+        let group = self.group(g);
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: groups exist only when x86::available() confirmed the CPU features;
+            // the group and activation lengths match the matrix shape.
+            unsafe {
+                match self.ty {
+                    QType::Q4_0 => x86::q4_0x8::<M>(group, xs),
+                    QType::Q4K => x86::q4kx8::<M>(group, xs),
+                    _ => x86::q8_0x8::<M>(group, xs),
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (group, xs);
+            unreachable!("rows are interleaved only where a SIMD kernel reads them")
+        }
+    }
+
+    /// One weight row (file layout) against `M` activation rows.
+    #[inline]
+    fn dots<const M: usize>(&self, simd: bool, w: &[u8], xs: [ActRow<'_>; M]) -> [f32; M] {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: `simd` is only true when x86::available() confirmed the CPU features;
+            // the row and activation lengths match the matrix shape (checked in matmul_with).
+            return unsafe {
+                match self.ty {
+                    QType::Q8_0 => x86::q_32::<M, false>(w, xs),
+                    QType::Q4_0 => x86::q_32::<M, true>(w, xs),
+                    QType::Q4K => x86::q4k::<M>(w, xs),
+                    QType::Q6K => x86::q6k::<M>(w, xs),
+                    QType::F32 => x86::float::<M>(x86::Float::F32, w, xs),
+                    QType::F16 => x86::float::<M>(x86::Float::F16, w, xs),
+                    QType::BF16 => x86::float::<M>(x86::Float::BF16, w, xs),
+                }
+            };
+        }
+        let _ = simd;
+        xs.map(|x| portable::dot(self.ty, w, x))
+    }
+}

@@ -1,0 +1,571 @@
+//! AVX2 + FMA + F16C kernels. Each computes one weight row against `M` activation rows at once,
+//! so a weight block is loaded and unpacked once for up to four rows of a prompt; with `M = 1`
+//! it is the decode path. Integer products use the `maddubs` (u8 × i8) instruction as llama.cpp
+//! does: 4-bit and 6-bit codes are unsigned already, signed 8-bit weights go through `sign`.
+//!
+//! Every function here requires the CPU features it is compiled for; [`available`] says whether
+//! they are present, and callers check it once before calling any of them.
+
+#![allow(clippy::missing_safety_doc, clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+
+use crate::act::ActRow;
+
+/// Whether this CPU has the features these kernels need.
+pub(crate) fn available() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn hsum_ps(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// An f16 stored at `p` (unaligned), widened.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn half(p: *const u8) -> f32 {
+    // SAFETY: the caller guarantees two readable bytes at `p`.
+    let bits = unsafe { std::ptr::read_unaligned(p as *const u16) };
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+}
+
+/// Eight f16 values `stride` bytes apart, widened. Built from fresh registers, so it never
+/// waits on an accumulator (a scalar `vpinsrw` into a reused register would).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn halves8(p: *const u8, stride: usize) -> __m256 {
+    // SAFETY: the caller guarantees two readable bytes at each of the 8 places.
+    let h = |i: usize| unsafe { std::ptr::read_unaligned(p.add(i * stride) as *const u16) } as i16;
+    _mm256_cvtph_ps(_mm_set_epi16(
+        h(7),
+        h(6),
+        h(5),
+        h(4),
+        h(3),
+        h(2),
+        h(1),
+        h(0),
+    ))
+}
+
+/// The signed 8-bit codes of one Q8_0 or Q4_0 block (Q4_0 codes shifted to -8..7).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn codes_32<const Q4: bool>(blk: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees a whole block at `blk`.
+    unsafe {
+        if Q4 {
+            let q = _mm_loadu_si128(blk.add(2) as *const __m128i);
+            let m4 = _mm_set1_epi8(0x0f);
+            let lo = _mm_and_si128(q, m4);
+            let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
+            _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8))
+        } else {
+            _mm256_loadu_si256(blk.add(2) as *const __m256i)
+        }
+    }
+}
+
+/// Q8_0 or Q4_0 weights (blocks of 32) against 8-bit activation blocks. Blocks go in groups of
+/// eight: their scales are widened together and each row keeps two accumulators, so no block
+/// waits for the previous block's multiply-add.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn q_32<const M: usize, const Q4: bool>(
+    w: &[u8],
+    xs: [ActRow<'_>; M],
+) -> [f32; M] {
+    let bb = if Q4 { 18 } else { 34 };
+    let nb = w.len() / bb;
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); 2]; M];
+    let wp = w.as_ptr();
+    let mut b = 0;
+    while b < nb {
+        let group = (nb - b).min(8);
+        // SAFETY: blocks b..b+group lie within `w`; activation rows hold nb * 32 values and nb
+        // scales (the caller checked the shapes). A short last group reads its scales one by
+        // one.
+        unsafe {
+            let dw = if group == 8 {
+                halves8(wp.add(b * bb), bb)
+            } else {
+                let mut v = [0f32; 8];
+                for (i, v) in v.iter_mut().enumerate().take(group) {
+                    let bits = std::ptr::read_unaligned(wp.add((b + i) * bb) as *const u16);
+                    *v = half::f16::from_bits(bits).to_f32();
+                }
+                _mm256_loadu_ps(v.as_ptr())
+            };
+            let mut scale = [_mm256_setzero_ps(); M];
+            for r in 0..M {
+                let xd = if group == 8 {
+                    _mm256_loadu_ps(xs[r].d.as_ptr().add(b))
+                } else {
+                    let mut v = [0f32; 8];
+                    v[..group].copy_from_slice(&xs[r].d[b..b + group]);
+                    _mm256_loadu_ps(v.as_ptr())
+                };
+                scale[r] = _mm256_mul_ps(dw, xd);
+            }
+            for i in 0..group {
+                let wv = codes_32::<Q4>(wp.add((b + i) * bb));
+                let aw = _mm256_sign_epi8(wv, wv);
+                let lane = _mm256_set1_epi32(i as i32);
+                for r in 0..M {
+                    let xv =
+                        _mm256_loadu_si256(xs[r].q.as_ptr().add((b + i) * 32) as *const __m256i);
+                    let p =
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv)), ones);
+                    let s = _mm256_permutevar8x32_ps(scale[r], lane);
+                    acc[r][i & 1] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p), acc[r][i & 1]);
+                }
+            }
+        }
+        b += group;
+    }
+    acc.map(|[a, b]| hsum_ps(_mm256_add_ps(a, b)))
+}
+
+/// Q4_K weights against 8-bit activation super-blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn q4k<const M: usize>(w: &[u8], xs: [ActRow<'_>; M]) -> [f32; M] {
+    let nsb = w.len() / 144;
+    let m4 = _mm256_set1_epi8(0x0f);
+    let mut acc = [_mm256_setzero_ps(); M];
+    let mut mins = [0f32; M];
+    let wp = w.as_ptr();
+    for sb in 0..nsb {
+        // SAFETY: super-block `sb` lies within `w`; activation rows hold nsb * 256 values,
+        // nsb scales and nsb * 16 sums.
+        unsafe {
+            let blk = wp.add(sb * 144);
+            let d = half(blk);
+            let dmin = half(blk.add(2));
+            let s = std::slice::from_raw_parts(blk.add(4), 12);
+            let mut sc = [0i16; 8];
+            let mut mn = [0i32; 8];
+            for j in 0..8 {
+                let (a, m) = crate::formats::q4k_scale_min(j, s);
+                sc[j] = i16::from(a);
+                mn[j] = i32::from(m);
+            }
+            let qs = blk.add(16);
+            let mut isum = [_mm256_setzero_si256(); M];
+            for c in 0..4 {
+                let qv = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
+                let lo = _mm256_and_si256(qv, m4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(qv, 4), m4);
+                let s_lo = _mm256_set1_epi16(sc[2 * c]);
+                let s_hi = _mm256_set1_epi16(sc[2 * c + 1]);
+                for r in 0..M {
+                    let x = xs[r].q.as_ptr().add(256 * sb + 64 * c);
+                    let x_lo = _mm256_loadu_si256(x as *const __m256i);
+                    let x_hi = _mm256_loadu_si256(x.add(32) as *const __m256i);
+                    let p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x_lo), s_lo);
+                    let p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x_hi), s_hi);
+                    isum[r] = _mm256_add_epi32(isum[r], _mm256_add_epi32(p_lo, p_hi));
+                }
+            }
+            for r in 0..M {
+                let bs = xs[r].bsums.as_ptr().add(16 * sb);
+                let mut m = 0i32;
+                for j in 0..8 {
+                    m += mn[j] * (i32::from(*bs.add(2 * j)) + i32::from(*bs.add(2 * j + 1)));
+                }
+                let xd = *xs[r].d.get_unchecked(sb);
+                acc[r] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(d * xd), _mm256_cvtepi32_ps(isum[r]), acc[r]);
+                mins[r] += dmin * xd * m as f32;
+            }
+        }
+    }
+    let mut out = [0f32; M];
+    for r in 0..M {
+        out[r] = hsum_ps(acc[r]) - mins[r];
+    }
+    out
+}
+
+/// Q6_K weights against 8-bit activation super-blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn q6k<const M: usize>(w: &[u8], xs: [ActRow<'_>; M]) -> [f32; M] {
+    let nsb = w.len() / 210;
+    let m4 = _mm256_set1_epi8(0x0f);
+    let m3 = _mm256_set1_epi8(3);
+    let m30 = _mm256_set1_epi8(0x30);
+    let mut acc = [_mm256_setzero_ps(); M];
+    let wp = w.as_ptr();
+    for sb in 0..nsb {
+        // SAFETY: super-block `sb` lies within `w`; activation rows hold nsb * 256 values,
+        // nsb scales and nsb * 16 sums.
+        unsafe {
+            let blk = wp.add(sb * 210);
+            let d = half(blk.add(208));
+            let scp = blk.add(192) as *const i8;
+            let mut isum = [_mm256_setzero_si256(); M];
+            for h in 0..2 {
+                let ql0 = _mm256_loadu_si256(blk.add(64 * h) as *const __m256i);
+                let ql1 = _mm256_loadu_si256(blk.add(64 * h + 32) as *const __m256i);
+                let qh = _mm256_loadu_si256(blk.add(128 + 32 * h) as *const __m256i);
+                let q = [
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql0, m4),
+                        _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql1, m4),
+                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                        _mm256_and_si256(qh, m30),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                        _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
+                    ),
+                ];
+                let sc = |k: usize| _mm_set1_epi16(i16::from(*scp.add(8 * h + k)));
+                let scales = [
+                    _mm256_set_m128i(sc(1), sc(0)),
+                    _mm256_set_m128i(sc(3), sc(2)),
+                    _mm256_set_m128i(sc(5), sc(4)),
+                    _mm256_set_m128i(sc(7), sc(6)),
+                ];
+                for r in 0..M {
+                    let x = xs[r].q.as_ptr().add(256 * sb + 128 * h);
+                    for k in 0..4 {
+                        let xv = _mm256_loadu_si256(x.add(32 * k) as *const __m256i);
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q[k], xv), scales[k]);
+                        isum[r] = _mm256_add_epi32(isum[r], p);
+                    }
+                }
+            }
+            // The codes carry an offset of 32: subtract 32 × Σ scale × (sum of 16 activations).
+            let scv = _mm256_cvtepi8_epi16(_mm_loadu_si128(scp as *const __m128i));
+            for r in 0..M {
+                let bs = _mm256_loadu_si256(xs[r].bsums.as_ptr().add(16 * sb) as *const __m256i);
+                let off = _mm256_slli_epi32(_mm256_madd_epi16(scv, bs), 5);
+                let s = _mm256_sub_epi32(isum[r], off);
+                let xd = *xs[r].d.get_unchecked(sb);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xd), _mm256_cvtepi32_ps(s), acc[r]);
+            }
+        }
+    }
+    acc.map(|a| hsum_ps(a))
+}
+
+/// How a float weight type is widened to 8 f32 lanes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Float {
+    F32,
+    F16,
+    BF16,
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load8(kind: Float, p: *const u8) -> __m256 {
+    // SAFETY: the caller guarantees 8 readable elements at `p`.
+    unsafe {
+        match kind {
+            Float::F32 => _mm256_loadu_ps(p as *const f32),
+            Float::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+            Float::BF16 => _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
+                16,
+            )),
+        }
+    }
+}
+
+/// Float weights (f32, f16 or bf16) against f32 activations.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn float<const M: usize>(kind: Float, w: &[u8], xs: [ActRow<'_>; M]) -> [f32; M] {
+    let es = if kind == Float::F32 { 4 } else { 2 };
+    let k = w.len() / es;
+    let main = k / 16 * 16;
+    let mut a0 = [_mm256_setzero_ps(); M];
+    let mut a1 = [_mm256_setzero_ps(); M];
+    let wp = w.as_ptr();
+    let mut i = 0;
+    while i < main {
+        // SAFETY: i + 16 <= k elements of `w` and of each activation row.
+        unsafe {
+            let w0 = load8(kind, wp.add(i * es));
+            let w1 = load8(kind, wp.add((i + 8) * es));
+            for r in 0..M {
+                let x = xs[r].f.as_ptr().add(i);
+                a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x), a0[r]);
+                a1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x.add(8)), a1[r]);
+            }
+        }
+        i += 16;
+    }
+    let mut out = [0f32; M];
+    for r in 0..M {
+        out[r] = hsum_ps(_mm256_add_ps(a0[r], a1[r]));
+        if main < k {
+            let tail = crate::portable::dot(
+                match kind {
+                    Float::F32 => crate::QType::F32,
+                    Float::F16 => crate::QType::F16,
+                    Float::BF16 => crate::QType::BF16,
+                },
+                &w[main * es..],
+                ActRow {
+                    f: &xs[r].f[main..],
+                    ..xs[r]
+                },
+            );
+            out[r] += tail;
+        }
+    }
+    out
+}
+
+/// Eight interleaved Q4_0 rows against `M` activation rows: lane `l` of result `r` is weight
+/// row `l` of the group times activation row `r`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn q4_0x8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f32; 8]; M] {
+    let nb = g.len() / (8 * 18);
+    let m4 = _mm256_set1_epi8(0x0f);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); M];
+    for b in 0..nb {
+        // SAFETY: block column `b` of the group lies within `g`; activation rows hold nb * 32
+        // values, nb scales and nb sums.
+        unsafe {
+            let blk = g.as_ptr().add(b * 144);
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+            let mut codes = [_mm256_setzero_si256(); 8];
+            for c in 0..4 {
+                let v = _mm256_loadu_si256(blk.add(16 + 32 * c) as *const __m256i);
+                codes[c] = _mm256_and_si256(v, m4);
+                codes[c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            }
+            for r in 0..M {
+                let x = xs[r].q.as_ptr().add(32 * b);
+                let mut s = _mm256_setzero_si256();
+                for (c, code) in codes.iter().enumerate() {
+                    let xb =
+                        _mm256_set1_epi32(std::ptr::read_unaligned(x.add(4 * c) as *const i32));
+                    // Codes are 0..15 and |x| <= 127: eight pair sums stay within i16.
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(*code, xb));
+                }
+                // The codes carry an offset of 8: subtract 8 × the block's activation sum.
+                let i = _mm256_sub_epi32(
+                    _mm256_madd_epi16(s, ones),
+                    _mm256_set1_epi32(8 * *xs[r].sums.get_unchecked(b)),
+                );
+                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*xs[r].d.get_unchecked(b)));
+                acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(i), acc[r]);
+            }
+        }
+    }
+    lanes(acc)
+}
+
+/// Eight interleaved Q8_0 rows against `M` activation rows (as [`q4_0x8`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn q8_0x8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f32; 8]; M] {
+    let nb = g.len() / (8 * 34);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); M];
+    for b in 0..nb {
+        // SAFETY: as in q4_0x8.
+        unsafe {
+            let blk = g.as_ptr().add(b * 272);
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+            for r in 0..M {
+                let x = xs[r].q.as_ptr().add(32 * b);
+                let mut s = _mm256_setzero_si256();
+                for c in 0..8 {
+                    let w = _mm256_loadu_si256(blk.add(16 + 32 * c) as *const __m256i);
+                    let xb =
+                        _mm256_set1_epi32(std::ptr::read_unaligned(x.add(4 * c) as *const i32));
+                    let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xb, w));
+                    s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+                }
+                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*xs[r].d.get_unchecked(b)));
+                acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(s), acc[r]);
+            }
+        }
+    }
+    lanes(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn lanes<const M: usize>(acc: [__m256; M]) -> [[f32; 8]; M] {
+    let mut out = [[0f32; 8]; M];
+    for (o, a) in out.iter_mut().zip(acc) {
+        // SAFETY: an unaligned store of 8 floats into an 8-float array.
+        unsafe { _mm256_storeu_ps(o.as_mut_ptr(), a) };
+    }
+    out
+}
+
+/// `pshufb` controls that spread byte `j` of each row's 4-byte group (rows 0..4 of a 128-bit
+/// lane) into both 16-bit halves of that row's 32-bit lane, zero-extended.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn spread_controls() -> [__m256i; 4] {
+    let mut out = [_mm256_setzero_si256(); 4];
+    for (j, o) in out.iter_mut().enumerate() {
+        let mut c = [0x80u8 as i8; 32];
+        for lane in 0..2 {
+            for r in 0..4 {
+                let at = 16 * lane + 4 * r;
+                c[at] = (4 * r + j) as i8;
+                c[at + 2] = (4 * r + j) as i8;
+            }
+        }
+        // SAFETY: an unaligned load of a 32-byte local array.
+        *o = unsafe { _mm256_loadu_si256(c.as_ptr() as *const __m256i) };
+    }
+    out
+}
+
+/// Eight interleaved Q4_K rows against `M` activation rows (as [`q4_0x8`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn q4kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f32; 8]; M] {
+    let nsb = g.len() / 1152;
+    let m4 = _mm256_set1_epi8(0x0f);
+    let m3 = _mm256_set1_epi8(3);
+    let m63 = _mm256_set1_epi8(63);
+    let ctrl = spread_controls();
+    let mut acc = [_mm256_setzero_ps(); M];
+    for sb in 0..nsb {
+        // SAFETY: super-block column `sb` lies within `g`; activation rows hold nsb * 256
+        // values, nsb scales and nsb * 16 sums.
+        unsafe {
+            let blk = g.as_ptr().add(sb * 1152);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+            let dmin = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i));
+            let a = _mm256_loadu_si256(blk.add(32) as *const __m256i);
+            let b = _mm256_loadu_si256(blk.add(64) as *const __m256i);
+            let c = _mm256_loadu_si256(blk.add(96) as *const __m256i);
+            // The 6-bit scales and mins of sub-blocks 0..4 and 4..8, one byte per row and
+            // sub-block (see formats::q4k_scale_min).
+            let sc_lo = _mm256_and_si256(a, m63);
+            let mn_lo = _mm256_and_si256(b, m63);
+            let top =
+                |v: __m256i| _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 6), m3), 4);
+            let sc_hi = _mm256_or_si256(_mm256_and_si256(c, m4), top(a));
+            let mn_hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), m4), top(b));
+            let mut scv = [_mm256_setzero_si256(); 8];
+            let mut mnv = [_mm256_setzero_si256(); 8];
+            for j in 0..4 {
+                scv[j] = _mm256_shuffle_epi8(sc_lo, ctrl[j]);
+                scv[j + 4] = _mm256_shuffle_epi8(sc_hi, ctrl[j]);
+                mnv[j] = _mm256_shuffle_epi8(mn_lo, ctrl[j]);
+                mnv[j + 4] = _mm256_shuffle_epi8(mn_hi, ctrl[j]);
+            }
+            let codes = blk.add(128);
+            for r in 0..M {
+                let x = xs[r].q.as_ptr().add(256 * sb);
+                let mut isum = _mm256_setzero_si256();
+                for ch in 0..4 {
+                    let mut s_lo = _mm256_setzero_si256();
+                    let mut s_hi = _mm256_setzero_si256();
+                    for q in 0..8 {
+                        let v = _mm256_loadu_si256(codes.add(32 * (8 * ch + q)) as *const __m256i);
+                        let xl = x.add(64 * ch + 4 * q);
+                        let x_lo = _mm256_set1_epi32(std::ptr::read_unaligned(xl as *const i32));
+                        let x_hi =
+                            _mm256_set1_epi32(std::ptr::read_unaligned(xl.add(32) as *const i32));
+                        // Codes are 0..15 and |x| <= 127: eight pair sums stay within i16.
+                        s_lo = _mm256_add_epi16(
+                            s_lo,
+                            _mm256_maddubs_epi16(_mm256_and_si256(v, m4), x_lo),
+                        );
+                        s_hi = _mm256_add_epi16(
+                            s_hi,
+                            _mm256_maddubs_epi16(
+                                _mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
+                                x_hi,
+                            ),
+                        );
+                    }
+                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(s_lo, scv[2 * ch]));
+                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(s_hi, scv[2 * ch + 1]));
+                }
+                let bs = xs[r].bsums.as_ptr().add(16 * sb);
+                let mut msum = _mm256_setzero_si256();
+                for (j, mn) in mnv.iter().enumerate() {
+                    let b32 = i32::from(*bs.add(2 * j)) + i32::from(*bs.add(2 * j + 1));
+                    let pair = _mm256_set1_epi32(b32 & 0xffff);
+                    msum = _mm256_add_epi32(msum, _mm256_madd_epi16(*mn, pair));
+                }
+                let dx = _mm256_set1_ps(*xs[r].d.get_unchecked(sb));
+                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(isum), acc[r]);
+                acc[r] =
+                    _mm256_fnmadd_ps(_mm256_mul_ps(dmin, dx), _mm256_cvtepi32_ps(msum), acc[r]);
+            }
+        }
+    }
+    lanes(acc)
+}
+
+/// `W` float weight rows against `M` activation rows at once (a register tile of `W × M`
+/// accumulators): each loaded weight vector feeds `M` multiply-adds and each activation vector
+/// `W`, so a prompt's product is bound by the multiply-add units rather than by loads.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn float_tile<const W: usize, const M: usize>(
+    kind: Float,
+    ws: [&[u8]; W],
+    xs: [ActRow<'_>; M],
+) -> [[f32; M]; W] {
+    let es = if kind == Float::F32 { 4 } else { 2 };
+    let k = ws[0].len() / es;
+    let main = k / 8 * 8;
+    let mut acc = [[_mm256_setzero_ps(); M]; W];
+    let mut i = 0;
+    while i < main {
+        // SAFETY: i + 8 <= k elements of every weight and activation row.
+        unsafe {
+            let mut w = [_mm256_setzero_ps(); W];
+            for (v, row) in w.iter_mut().zip(&ws) {
+                *v = load8(kind, row.as_ptr().add(i * es));
+            }
+            for r in 0..M {
+                let x = _mm256_loadu_ps(xs[r].f.as_ptr().add(i));
+                for c in 0..W {
+                    acc[c][r] = _mm256_fmadd_ps(w[c], x, acc[c][r]);
+                }
+            }
+        }
+        i += 8;
+    }
+    let mut out = [[0f32; M]; W];
+    for c in 0..W {
+        for r in 0..M {
+            out[c][r] = hsum_ps(acc[c][r]);
+            if main < k {
+                let ty = match kind {
+                    Float::F32 => crate::QType::F32,
+                    Float::F16 => crate::QType::F16,
+                    Float::BF16 => crate::QType::BF16,
+                };
+                out[c][r] += crate::portable::dot(
+                    ty,
+                    &ws[c][main * es..],
+                    ActRow {
+                        f: &xs[r].f[main..],
+                        ..xs[r]
+                    },
+                );
+            }
+        }
+    }
+    out
+}
