@@ -326,12 +326,14 @@ impl QMatrix {
                     continue;
                 }
                 #[cfg(target_arch = "x86_64")]
-                if simd && j + 2 <= rows.end && i1 - i0 >= 4 {
-                    if let Some(kind) = self.float_kind() {
-                        self.float_pair(kind, j, acts, i0..i1, jj, width, out);
-                        j += 2;
-                        continue;
-                    }
+                if simd
+                    && j + 2 <= rows.end
+                    && i1 - i0 >= 4
+                    && let Some(kind) = self.float_kind()
+                {
+                    self.float_pair(kind, j, acts, i0..i1, jj, width, out);
+                    j += 2;
+                    continue;
                 }
                 let w = self.row(j);
                 let mut i = i0;
