@@ -26,6 +26,11 @@ pub use formats::{QType, dequantize_row};
 
 use act::{ActRow, Acts};
 
+/// Activation rows per register tile of the float kernels (with four weight rows).
+const FM: usize = 4;
+/// Weight rows per register tile of the float kernels.
+const FW: usize = 2;
+
 /// What can be wrong with a matrix or a product's operands.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum KernelError {
@@ -327,12 +332,12 @@ impl QMatrix {
                 }
                 #[cfg(target_arch = "x86_64")]
                 if simd
-                    && j + 2 <= rows.end
-                    && i1 - i0 >= 4
+                    && j + FW <= rows.end
+                    && i1 - i0 >= FM
                     && let Some(kind) = self.float_kind()
                 {
-                    self.float_pair(kind, j, acts, i0..i1, jj, width, out);
-                    j += 2;
+                    self.float_rows(kind, j, acts, i0..i1, jj, width, out);
+                    j += FW;
                     continue;
                 }
                 let w = self.row(j);
@@ -372,11 +377,11 @@ impl QMatrix {
         }
     }
 
-    /// Float weight rows `j` and `j + 1` against activation rows `is` (SIMD only), into
-    /// columns `jj` and `jj + 1` of `out`.
+    /// Float weight rows `j..j + FW` against activation rows `is` (SIMD only), into columns
+    /// `jj..jj + FW` of `out`.
     #[cfg(target_arch = "x86_64")]
     #[allow(clippy::too_many_arguments)]
-    fn float_pair(
+    fn float_rows(
         &self,
         kind: x86::Float,
         j: usize,
@@ -386,38 +391,37 @@ impl QMatrix {
         width: usize,
         out: &mut [f32],
     ) {
-        let ws = [self.plain_row(j), self.plain_row(j + 1)];
+        let ws: [&[u8]; FW] = std::array::from_fn(|c| self.plain_row(j + c));
         let mut i = is.start;
         while i < is.end {
-            let n = (is.end - i).min(4);
-            let mut r = [[0f32; 2]; 4];
-            // SAFETY: callers pass `simd` only when x86::available() holds; rows and
+            let n = if i + FM <= is.end { FM } else { 1 };
+            let mut t = [[0f32; FM]; FW];
+            // SAFETY: callers pass here only when x86::available() holds; rows and
             // activations have the matrix's width.
             unsafe {
-                if n == 4 {
-                    let t = x86::float_tile::<2, 4>(
-                        kind,
-                        ws,
-                        [
-                            acts.row(i),
-                            acts.row(i + 1),
-                            acts.row(i + 2),
-                            acts.row(i + 3),
-                        ],
-                    );
-                    for (a, v) in r.iter_mut().enumerate() {
-                        *v = [t[0][a], t[1][a]];
-                    }
+                if n == FM {
+                    let xs = std::array::from_fn(|a| acts.row(i + a));
+                    t = match kind {
+                        x86::Float::F32 => x86::float_tile::<0, FW, FM>(ws, xs),
+                        x86::Float::F16 => x86::float_tile::<1, FW, FM>(ws, xs),
+                        x86::Float::BF16 => x86::float_tile::<2, FW, FM>(ws, xs),
+                    };
                 } else {
-                    for (a, v) in r.iter_mut().enumerate().take(n) {
-                        let t = x86::float_tile::<2, 1>(kind, ws, [acts.row(i + a)]);
-                        *v = [t[0][0], t[1][0]];
+                    let xs = [acts.row(i)];
+                    let one = match kind {
+                        x86::Float::F32 => x86::float_tile::<0, FW, 1>(ws, xs),
+                        x86::Float::F16 => x86::float_tile::<1, FW, 1>(ws, xs),
+                        x86::Float::BF16 => x86::float_tile::<2, FW, 1>(ws, xs),
+                    };
+                    for (d, o) in t.iter_mut().zip(one) {
+                        d[0] = o[0];
                     }
                 }
             }
-            for (d, v) in r.iter().enumerate().take(n) {
-                out[(i + d) * width + jj] = v[0];
-                out[(i + d) * width + jj + 1] = v[1];
+            for (c, col) in t.iter().enumerate() {
+                for (a, v) in col.iter().enumerate().take(n) {
+                    out[(i + a) * width + jj + c] = *v;
+                }
             }
             i += n;
         }

@@ -520,11 +520,15 @@ pub(crate) unsafe fn q4kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f
 /// accumulators): each loaded weight vector feeds `M` multiply-adds and each activation vector
 /// `W`, so a prompt's product is bound by the multiply-add units rather than by loads.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn float_tile<const W: usize, const M: usize>(
-    kind: Float,
+pub(crate) unsafe fn float_tile<const KIND: u8, const W: usize, const M: usize>(
     ws: [&[u8]; W],
     xs: [ActRow<'_>; M],
 ) -> [[f32; M]; W] {
+    let kind = match KIND {
+        0 => Float::F32,
+        1 => Float::F16,
+        _ => Float::BF16,
+    };
     let es = if kind == Float::F32 { 4 } else { 2 };
     let k = ws[0].len() / es;
     let main = k / 8 * 8;
