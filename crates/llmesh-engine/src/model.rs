@@ -563,7 +563,19 @@ impl Shard {
     }
 
     /// Runs this shard's layers on the next positions of the sequence whose cache is `cache`.
+    ///
+    /// The work runs on a thread of the compute pool, so that the many short parallel products
+    /// of a step start on the calling worker at once instead of waiting for a sleeping one.
     pub fn forward(
+        &self,
+        cache: &mut KvCache,
+        input: ShardInput<'_>,
+        logits: LogitsFor,
+    ) -> Result<ShardOutput> {
+        rayon::scope(|_| self.forward_on_pool(cache, input, logits))
+    }
+
+    fn forward_on_pool(
         &self,
         cache: &mut KvCache,
         input: ShardInput<'_>,

@@ -61,7 +61,15 @@ fn matmat(c: &mut Criterion) {
     let (n, k, m) = (2048, 2048, 64);
     let mut g = c.benchmark_group("matmat_2048x2048_m64");
     g.sample_size(20);
-    for ty in [QType::Q4_0, QType::Q8_0, QType::Q4K, QType::F16] {
+    for ty in [
+        QType::Q4_0,
+        QType::Q8_0,
+        QType::Q4K,
+        QType::Q6K,
+        QType::F16,
+        QType::BF16,
+        QType::F32,
+    ] {
         let w = matrix(ty, n, k);
         let x: Vec<f32> = (0..m * k).map(|i| ((i % 13) as f32 - 6.0) * 0.1).collect();
         let mut y = vec![0f32; m * n];
