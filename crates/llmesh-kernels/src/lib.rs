@@ -303,6 +303,25 @@ impl QMatrix {
             let mut j = rows.start;
             while j < rows.end {
                 let jj = j - rows.start;
+                if j < self.grouped && simd && self.float_kind().is_some() {
+                    let g = j / 8;
+                    let mut i = i0;
+                    while i + 8 <= i1 {
+                        let r = self.group_dots::<8>(g, std::array::from_fn(|a| acts.row(i + a)));
+                        for (d, lanes) in r.iter().enumerate() {
+                            out[(i + d) * width + jj..(i + d) * width + jj + 8]
+                                .copy_from_slice(lanes);
+                        }
+                        i += 8;
+                    }
+                    while i < i1 {
+                        let [lanes] = self.group_dots::<1>(g, [acts.row(i)]);
+                        out[i * width + jj..i * width + jj + 8].copy_from_slice(&lanes);
+                        i += 1;
+                    }
+                    j += 8;
+                    continue;
+                }
                 if j < self.grouped && simd {
                     let g = j / 8;
                     let mut i = i0;
@@ -439,6 +458,8 @@ impl QMatrix {
                 match self.ty {
                     QType::Q4_0 => x86::q4_0x8::<M>(group, xs),
                     QType::Q4K => x86::q4kx8::<M>(group, xs),
+                    QType::F16 => x86::half8::<false, M>(group, xs),
+                    QType::BF16 => x86::half8::<true, M>(group, xs),
                     _ => x86::q8_0x8::<M>(group, xs),
                 }
             }

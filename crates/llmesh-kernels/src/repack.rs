@@ -14,7 +14,10 @@ use crate::formats::QType;
 
 /// Whether `ty` has an interleaved layout.
 pub(crate) fn interleaves(ty: QType) -> bool {
-    matches!(ty, QType::Q4_0 | QType::Q8_0 | QType::Q4K)
+    matches!(
+        ty,
+        QType::Q4_0 | QType::Q8_0 | QType::Q4K | QType::F16 | QType::BF16
+    )
 }
 
 /// Where the bytes of one row's block go in an interleaved block column: `(from, to, len)`
@@ -31,6 +34,7 @@ fn spans(ty: QType, r: usize) -> Vec<(usize, usize, usize)> {
             }
             v
         }
+        QType::F16 | QType::BF16 => vec![(0, 2 * r, 2)],
         _ => {
             let mut v = vec![(0, 2 * r, 2)];
             for c in 0..code_bytes(ty) / 4 {
@@ -48,6 +52,16 @@ fn code_bytes(ty: QType) -> usize {
 
 /// Writes eight plain rows (`src`, each `row_bytes` long) into `dst` in the interleaved layout.
 pub(crate) fn pack8(ty: QType, src: &[u8], row_bytes: usize, dst: &mut [u8]) {
+    if matches!(ty, QType::F16 | QType::BF16) {
+        // Element k of rows 0..8 side by side (a transpose of 8 × k two-byte values).
+        for (k, out) in dst.chunks_exact_mut(16).enumerate() {
+            for r in 0..8 {
+                let at = r * row_bytes + 2 * k;
+                out[2 * r..2 * r + 2].copy_from_slice(&src[at..at + 2]);
+            }
+        }
+        return;
+    }
     let bb = ty.block_bytes();
     let nb = row_bytes / bb;
     let spans: Vec<_> = (0..8).map(|r| spans(ty, r)).collect();

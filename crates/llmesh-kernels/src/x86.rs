@@ -573,3 +573,68 @@ pub(crate) unsafe fn float_tile<const KIND: u8, const W: usize, const M: usize>(
     }
     out
 }
+
+/// Eight interleaved f16 or bf16 rows (element `k` of rows 0..8 side by side) against `M`
+/// activation rows: an outer product per element, one multiply-add per activation row, with
+/// results in the lanes as in [`q4_0x8`]. `M = 8` covers the multiply-add latency; `M = 1`
+/// (decode) splits the sum over four accumulators instead.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn half8<const BF: bool, const M: usize>(
+    g: &[u8],
+    xs: [ActRow<'_>; M],
+) -> [[f32; 8]; M] {
+    let k = g.len() / 16;
+    let load = |p: *const u8| -> __m256 {
+        // SAFETY: 16 readable bytes at `p` (the caller's bounds).
+        unsafe {
+            let v = _mm_loadu_si128(p as *const __m128i);
+            if BF {
+                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))
+            } else {
+                _mm256_cvtph_ps(v)
+            }
+        }
+    };
+    let gp = g.as_ptr();
+    if M == 1 {
+        let x = xs[0].f.as_ptr();
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let main = k / 4 * 4;
+        let mut i = 0;
+        while i < main {
+            for (u, a) in acc.iter_mut().enumerate() {
+                // SAFETY: i + u < k elements of the group and of the activation row.
+                unsafe {
+                    *a = _mm256_fmadd_ps(
+                        _mm256_set1_ps(*x.add(i + u)),
+                        load(gp.add(16 * (i + u))),
+                        *a,
+                    );
+                }
+            }
+            i += 4;
+        }
+        while i < k {
+            // SAFETY: as above.
+            unsafe {
+                acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(*x.add(i)), load(gp.add(16 * i)), acc[0]);
+            }
+            i += 1;
+        }
+        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut out = [[0f32; 8]; M];
+        out[0] = lanes([sum])[0];
+        return out;
+    }
+    let mut acc = [_mm256_setzero_ps(); M];
+    for i in 0..k {
+        // SAFETY: i < k elements of the group and of every activation row.
+        unsafe {
+            let w = load(gp.add(16 * i));
+            for r in 0..M {
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(*xs[r].f.get_unchecked(i)), w, acc[r]);
+            }
+        }
+    }
+    lanes(acc)
+}
