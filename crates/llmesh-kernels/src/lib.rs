@@ -303,6 +303,50 @@ impl QMatrix {
             let mut j = rows.start;
             while j < rows.end {
                 let jj = j - rows.start;
+                #[cfg(target_arch = "x86_64")]
+                if j + 16 <= self.grouped.min(rows.end)
+                    && simd
+                    && self.float_kind().is_some()
+                    && i1 - i0 >= 4
+                {
+                    let (g0, g1) = (self.group(j / 8), self.group(j / 8 + 1));
+                    let bf = self.ty == QType::BF16;
+                    let mut i = i0;
+                    while i < i1 {
+                        let n = if i + 4 <= i1 { 4 } else { 1 };
+                        let mut r = [[[0f32; 8]; 4]; 2];
+                        // SAFETY: groups exist only when x86::available() holds; both groups
+                        // and the activation rows have the matrix's width.
+                        unsafe {
+                            if n == 4 {
+                                let xs = std::array::from_fn(|a| acts.row(i + a));
+                                r = if bf {
+                                    x86::half16::<true, 4>(g0, g1, xs)
+                                } else {
+                                    x86::half16::<false, 4>(g0, g1, xs)
+                                };
+                            } else {
+                                let xs = [acts.row(i)];
+                                let one = if bf {
+                                    x86::half16::<true, 1>(g0, g1, xs)
+                                } else {
+                                    x86::half16::<false, 1>(g0, g1, xs)
+                                };
+                                r[0][0] = one[0][0];
+                                r[1][0] = one[1][0];
+                            }
+                        }
+                        for (h, part) in r.iter().enumerate() {
+                            for (d, lanes) in part.iter().enumerate().take(n) {
+                                let at = (i + d) * width + jj + 8 * h;
+                                out[at..at + 8].copy_from_slice(lanes);
+                            }
+                        }
+                        i += n;
+                    }
+                    j += 16;
+                    continue;
+                }
                 if j < self.grouped && simd && self.float_kind().is_some() {
                     let g = j / 8;
                     let mut i = i0;

@@ -385,18 +385,28 @@ pub(crate) unsafe fn q8_0x8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[
         unsafe {
             let blk = g.as_ptr().add(b * 272);
             let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
-            for r in 0..M {
-                let x = xs[r].q.as_ptr().add(32 * b);
-                let mut s = _mm256_setzero_si256();
-                for c in 0..8 {
-                    let w = _mm256_loadu_si256(blk.add(16 + 32 * c) as *const __m256i);
-                    let xb =
-                        _mm256_set1_epi32(std::ptr::read_unaligned(x.add(4 * c) as *const i32));
-                    let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xb, w));
-                    s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+            let mut s = [_mm256_setzero_si256(); M];
+            // Half a block's codes (and their magnitudes) at a time, shared by the M rows.
+            for h in 0..2 {
+                let mut w = [_mm256_setzero_si256(); 4];
+                let mut aw = [_mm256_setzero_si256(); 4];
+                for c in 0..4 {
+                    w[c] = _mm256_loadu_si256(blk.add(16 + 32 * (4 * h + c)) as *const __m256i);
+                    aw[c] = _mm256_sign_epi8(w[c], w[c]);
                 }
+                for r in 0..M {
+                    let x = xs[r].q.as_ptr().add(32 * b + 16 * h);
+                    for c in 0..4 {
+                        let xb =
+                            _mm256_set1_epi32(std::ptr::read_unaligned(x.add(4 * c) as *const i32));
+                        let p = _mm256_maddubs_epi16(aw[c], _mm256_sign_epi8(xb, w[c]));
+                        s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(p, ones));
+                    }
+                }
+            }
+            for r in 0..M {
                 let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*xs[r].d.get_unchecked(b)));
-                acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(s), acc[r]);
+                acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(s[r]), acc[r]);
             }
         }
     }
@@ -637,4 +647,42 @@ pub(crate) unsafe fn half8<const BF: bool, const M: usize>(
         }
     }
     lanes(acc)
+}
+
+/// Two interleaved f16 or bf16 groups (16 weight rows) against `M` activation rows: each
+/// broadcast activation value feeds two multiply-adds, halving the broadcasts of [`half8`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn half16<const BF: bool, const M: usize>(
+    g0: &[u8],
+    g1: &[u8],
+    xs: [ActRow<'_>; M],
+) -> [[[f32; 8]; M]; 2] {
+    let k = g0.len() / 16;
+    let load = |p: *const u8| -> __m256 {
+        // SAFETY: 16 readable bytes at `p` (the caller's bounds).
+        unsafe {
+            let v = _mm_loadu_si128(p as *const __m128i);
+            if BF {
+                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))
+            } else {
+                _mm256_cvtph_ps(v)
+            }
+        }
+    };
+    let (p0, p1) = (g0.as_ptr(), g1.as_ptr());
+    let mut a0 = [_mm256_setzero_ps(); M];
+    let mut a1 = [_mm256_setzero_ps(); M];
+    for i in 0..k {
+        // SAFETY: i < k elements of both groups and of every activation row.
+        unsafe {
+            let w0 = load(p0.add(16 * i));
+            let w1 = load(p1.add(16 * i));
+            for r in 0..M {
+                let x = _mm256_set1_ps(*xs[r].f.get_unchecked(i));
+                a0[r] = _mm256_fmadd_ps(x, w0, a0[r]);
+                a1[r] = _mm256_fmadd_ps(x, w1, a1[r]);
+            }
+        }
+    }
+    [lanes(a0), lanes(a1)]
 }

@@ -114,6 +114,12 @@ fn float_types_take_any_width() {
 fn a_large_matrix_on_many_threads_matches() {
     check(QType::Q4K, 300, 1024, 2, 7);
     check(QType::Q8_0, 257, 512, 1, 8);
+    // Tasks of 40 rows: pairs of 8-row groups, a single group and plain rows, for prompts of
+    // 9 rows (two 4-row tiles and one more) and for one row.
+    for ty in [QType::F16, QType::BF16, QType::Q4_0] {
+        check(ty, 300, 96, 9, 9);
+        check(ty, 300, 64, 1, 10);
+    }
 }
 
 #[test]
