@@ -12,6 +12,21 @@ use std::arch::x86_64::*;
 
 use crate::act::ActRow;
 
+/// How far ahead of the decode loop weights are prefetched, in bytes.
+const PREFETCH: usize = 2048;
+
+/// Asks for the cache lines of `len` bytes at `p + PREFETCH` (a hint: an address past the
+/// weights is never dereferenced).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn prefetch_ahead(p: *const u8, len: usize) {
+    let mut at = 0;
+    while at < len {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + at) as *const i8);
+        at += 64;
+    }
+}
+
 /// Whether this CPU has the features these kernels need.
 pub(crate) fn available() -> bool {
     is_x86_feature_detected!("avx2")
@@ -208,6 +223,7 @@ pub(crate) unsafe fn q6k<const M: usize>(w: &[u8], xs: [ActRow<'_>; M]) -> [f32;
         // nsb scales and nsb * 16 sums.
         unsafe {
             let blk = wp.add(sb * 210);
+            prefetch_ahead(blk, 210);
             let d = half(blk.add(208));
             let scp = blk.add(192) as *const i8;
             let mut isum = [_mm256_setzero_si256(); M];
@@ -345,6 +361,7 @@ pub(crate) unsafe fn q4_0x8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[
         // values, nb scales and nb sums.
         unsafe {
             let blk = g.as_ptr().add(b * 144);
+            prefetch_ahead(blk, 144);
             let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
             let mut codes = [_mm256_setzero_si256(); 8];
             for c in 0..4 {
@@ -384,6 +401,7 @@ pub(crate) unsafe fn q8_0x8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[
         // SAFETY: as in q4_0x8.
         unsafe {
             let blk = g.as_ptr().add(b * 272);
+            prefetch_ahead(blk, 272);
             let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
             let mut s = [_mm256_setzero_si256(); M];
             // Half a block's codes (and their magnitudes) at a time, shared by the M rows.
@@ -459,6 +477,7 @@ pub(crate) unsafe fn q4kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f
         // values, nsb scales and nsb * 16 sums.
         unsafe {
             let blk = g.as_ptr().add(sb * 1152);
+            prefetch_ahead(blk, 1152);
             let d = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
             let dmin = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i));
             let a = _mm256_loadu_si256(blk.add(32) as *const __m256i);
@@ -481,34 +500,34 @@ pub(crate) unsafe fn q4kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f
                 mnv[j + 4] = _mm256_shuffle_epi8(mn_hi, ctrl[j]);
             }
             let codes = blk.add(128);
-            for r in 0..M {
-                let x = xs[r].q.as_ptr().add(256 * sb);
-                let mut isum = _mm256_setzero_si256();
-                for ch in 0..4 {
-                    let mut s_lo = _mm256_setzero_si256();
-                    let mut s_hi = _mm256_setzero_si256();
-                    for q in 0..8 {
-                        let v = _mm256_loadu_si256(codes.add(32 * (8 * ch + q)) as *const __m256i);
-                        let xl = x.add(64 * ch + 4 * q);
-                        let x_lo = _mm256_set1_epi32(std::ptr::read_unaligned(xl as *const i32));
-                        let x_hi =
-                            _mm256_set1_epi32(std::ptr::read_unaligned(xl.add(32) as *const i32));
-                        // Codes are 0..15 and |x| <= 127: eight pair sums stay within i16.
-                        s_lo = _mm256_add_epi16(
-                            s_lo,
-                            _mm256_maddubs_epi16(_mm256_and_si256(v, m4), x_lo),
-                        );
-                        s_hi = _mm256_add_epi16(
-                            s_hi,
-                            _mm256_maddubs_epi16(
-                                _mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
-                                x_hi,
-                            ),
-                        );
-                    }
-                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(s_lo, scv[2 * ch]));
-                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(s_hi, scv[2 * ch + 1]));
+            // Each sub-block's codes are unpacked once (eight registers) and serve all M
+            // activation rows.
+            let mut isum = [_mm256_setzero_si256(); M];
+            for j in 0..8 {
+                let (ch, high) = (j / 2, j % 2 == 1);
+                let mut cv = [_mm256_setzero_si256(); 8];
+                for (q, c) in cv.iter_mut().enumerate() {
+                    let v = _mm256_loadu_si256(codes.add(32 * (8 * ch + q)) as *const __m256i);
+                    *c = if high {
+                        _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)
+                    } else {
+                        _mm256_and_si256(v, m4)
+                    };
                 }
+                for r in 0..M {
+                    let x = xs[r].q.as_ptr().add(256 * sb + 32 * j);
+                    let mut s16 = _mm256_setzero_si256();
+                    for (q, c) in cv.iter().enumerate() {
+                        let xb =
+                            _mm256_set1_epi32(std::ptr::read_unaligned(x.add(4 * q) as *const i32));
+                        // Codes are 0..15 and |x| <= 127: eight pair sums stay within i16.
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*c, xb));
+                    }
+                    isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(s16, scv[j]));
+                }
+            }
+            for r in 0..M {
+                let isum = isum[r];
                 let bs = xs[r].bsums.as_ptr().add(16 * sb);
                 let mut msum = _mm256_setzero_si256();
                 for (j, mn) in mnv.iter().enumerate() {
@@ -612,6 +631,8 @@ pub(crate) unsafe fn half8<const BF: bool, const M: usize>(
         let main = k / 4 * 4;
         let mut i = 0;
         while i < main {
+            // SAFETY: prefetching is a hint; an address past the group is never dereferenced.
+            _mm_prefetch::<_MM_HINT_T0>(gp.wrapping_add(16 * i + PREFETCH) as *const i8);
             for (u, a) in acc.iter_mut().enumerate() {
                 // SAFETY: i + u < k elements of the group and of the activation row.
                 unsafe {
