@@ -67,13 +67,7 @@ impl<'a> Acts<'a> {
             ActKind::Q8 => {
                 a.q = vec![0; x.len()];
                 a.d = vec![0.0; x.len() / 32];
-                for ((xb, qb), d) in x
-                    .chunks_exact(32)
-                    .zip(a.q.chunks_exact_mut(32))
-                    .zip(a.d.iter_mut())
-                {
-                    *d = quantize_block(xb, qb);
-                }
+                quantize_blocks(x, &mut a.q, &mut a.d, 32);
                 a.sums =
                     a.q.chunks_exact(32)
                         .map(|b| b.iter().map(|&v| i32::from(v)).sum())
@@ -83,13 +77,7 @@ impl<'a> Acts<'a> {
                 a.q = vec![0; x.len()];
                 a.d = vec![0.0; x.len() / 256];
                 a.bsums = vec![0; x.len() / 16];
-                for ((xb, qb), d) in x
-                    .chunks_exact(256)
-                    .zip(a.q.chunks_exact_mut(256))
-                    .zip(a.d.iter_mut())
-                {
-                    *d = quantize_block(xb, qb);
-                }
+                quantize_blocks(x, &mut a.q, &mut a.d, 256);
                 for (s, qb) in a.bsums.iter_mut().zip(a.q.chunks_exact(16)) {
                     *s = qb.iter().map(|&v| i16::from(v)).sum();
                 }
@@ -122,6 +110,26 @@ impl<'a> Acts<'a> {
             sums: &self.sums[per(self.sums.len(), 32)],
         }
     }
+}
+
+/// Quantises `x` into `q` in blocks of `block` values with one scale each into `d`; a prompt's
+/// rows are shared between the compute threads.
+fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], block: usize) {
+    use rayon::prelude::*;
+    // About 64 Ki values per task: large enough that handing it to another thread pays.
+    let per = (65536 / block).max(1);
+    x.par_chunks(per * block)
+        .zip(q.par_chunks_mut(per * block))
+        .zip(d.par_chunks_mut(per))
+        .for_each(|((x, q), d)| {
+            for ((xb, qb), d) in x
+                .chunks_exact(block)
+                .zip(q.chunks_exact_mut(block))
+                .zip(d.iter_mut())
+            {
+                *d = quantize_block(xb, qb);
+            }
+        });
 }
 
 /// Quantises `x` to `q` with one scale (round to nearest); returns the scale.
