@@ -26,11 +26,6 @@ pub use formats::{QType, dequantize_row};
 
 use act::{ActRow, Acts};
 
-/// Activation rows per register tile of the float kernels (with four weight rows).
-const FM: usize = 4;
-/// Weight rows per register tile of the float kernels.
-const FW: usize = 2;
-
 /// What can be wrong with a matrix or a product's operands.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum KernelError {
@@ -94,11 +89,6 @@ fn simd_available() -> bool {
             false
         }
     })
-}
-
-/// The name of the kernel set [`Backend::Auto`] uses on this CPU.
-pub fn kernel_name() -> &'static str {
-    if simd_available() { "avx2" } else { "portable" }
 }
 
 /// A weight matrix `[rows, cols]` in its stored form.
@@ -347,60 +337,15 @@ impl QMatrix {
                     j += 16;
                     continue;
                 }
-                if j < self.grouped && simd && self.float_kind().is_some() {
-                    let g = j / 8;
-                    let mut i = i0;
-                    while i + 8 <= i1 {
-                        let r = self.group_dots::<8>(g, std::array::from_fn(|a| acts.row(i + a)));
-                        for (d, lanes) in r.iter().enumerate() {
-                            out[(i + d) * width + jj..(i + d) * width + jj + 8]
-                                .copy_from_slice(lanes);
-                        }
-                        i += 8;
-                    }
-                    while i < i1 {
-                        let [lanes] = self.group_dots::<1>(g, [acts.row(i)]);
-                        out[i * width + jj..i * width + jj + 8].copy_from_slice(&lanes);
-                        i += 1;
-                    }
-                    j += 8;
-                    continue;
-                }
                 if j < self.grouped && simd {
-                    let g = j / 8;
-                    let mut i = i0;
-                    while i + 4 <= i1 {
-                        let r = self.group_dots::<4>(
-                            g,
-                            [
-                                acts.row(i),
-                                acts.row(i + 1),
-                                acts.row(i + 2),
-                                acts.row(i + 3),
-                            ],
-                        );
-                        for (d, lanes) in r.iter().enumerate() {
-                            out[(i + d) * width + jj..(i + d) * width + jj + 8]
-                                .copy_from_slice(lanes);
-                        }
-                        i += 4;
-                    }
-                    while i < i1 {
-                        let [lanes] = self.group_dots::<1>(g, [acts.row(i)]);
-                        out[i * width + jj..i * width + jj + 8].copy_from_slice(&lanes);
-                        i += 1;
+                    // Float groups take 8 activation rows per tile (enough independent
+                    // multiply-adds to hide their latency), integer groups 4.
+                    if self.float_kind().is_some() {
+                        self.group_tile::<8>(j / 8, acts, i0..i1, &mut out[jj..], width);
+                    } else {
+                        self.group_tile::<4>(j / 8, acts, i0..i1, &mut out[jj..], width);
                     }
                     j += 8;
-                    continue;
-                }
-                #[cfg(target_arch = "x86_64")]
-                if simd
-                    && j + FW <= rows.end
-                    && i1 - i0 >= FM
-                    && let Some(kind) = self.float_kind()
-                {
-                    self.float_rows(kind, j, acts, i0..i1, jj, width, out);
-                    j += FW;
                     continue;
                 }
                 let w = self.row(j);
@@ -440,53 +385,28 @@ impl QMatrix {
         }
     }
 
-    /// Float weight rows `j..j + FW` against activation rows `is` (SIMD only), into columns
-    /// `jj..jj + FW` of `out`.
-    #[cfg(target_arch = "x86_64")]
-    #[allow(clippy::too_many_arguments)]
-    fn float_rows(
+    /// Group `g` against activation rows `is`, `T` rows per tile and one at a time for the
+    /// rest, into the first 8 columns of `out`'s rows (rows `width` apart).
+    fn group_tile<const T: usize>(
         &self,
-        kind: x86::Float,
-        j: usize,
+        g: usize,
         acts: &Acts<'_>,
         is: std::ops::Range<usize>,
-        jj: usize,
-        width: usize,
         out: &mut [f32],
+        width: usize,
     ) {
-        let ws: [&[u8]; FW] = std::array::from_fn(|c| self.plain_row(j + c));
         let mut i = is.start;
+        while i + T <= is.end {
+            let r = self.group_dots::<T>(g, std::array::from_fn(|a| acts.row(i + a)));
+            for (d, lanes) in r.iter().enumerate() {
+                out[(i + d) * width..(i + d) * width + 8].copy_from_slice(lanes);
+            }
+            i += T;
+        }
         while i < is.end {
-            let n = if i + FM <= is.end { FM } else { 1 };
-            let mut t = [[0f32; FM]; FW];
-            // SAFETY: callers pass here only when x86::available() holds; rows and
-            // activations have the matrix's width.
-            unsafe {
-                if n == FM {
-                    let xs = std::array::from_fn(|a| acts.row(i + a));
-                    t = match kind {
-                        x86::Float::F32 => x86::float_tile::<0, FW, FM>(ws, xs),
-                        x86::Float::F16 => x86::float_tile::<1, FW, FM>(ws, xs),
-                        x86::Float::BF16 => x86::float_tile::<2, FW, FM>(ws, xs),
-                    };
-                } else {
-                    let xs = [acts.row(i)];
-                    let one = match kind {
-                        x86::Float::F32 => x86::float_tile::<0, FW, 1>(ws, xs),
-                        x86::Float::F16 => x86::float_tile::<1, FW, 1>(ws, xs),
-                        x86::Float::BF16 => x86::float_tile::<2, FW, 1>(ws, xs),
-                    };
-                    for (d, o) in t.iter_mut().zip(one) {
-                        d[0] = o[0];
-                    }
-                }
-            }
-            for (c, col) in t.iter().enumerate() {
-                for (a, v) in col.iter().enumerate().take(n) {
-                    out[(i + a) * width + jj + c] = *v;
-                }
-            }
-            i += n;
+            let [lanes] = self.group_dots::<1>(g, [acts.row(i)]);
+            out[i * width..i * width + 8].copy_from_slice(&lanes);
+            i += 1;
         }
     }
 

@@ -545,64 +545,6 @@ pub(crate) unsafe fn q4kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f
     lanes(acc)
 }
 
-/// `W` float weight rows against `M` activation rows at once (a register tile of `W × M`
-/// accumulators): each loaded weight vector feeds `M` multiply-adds and each activation vector
-/// `W`, so a prompt's product is bound by the multiply-add units rather than by loads.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn float_tile<const KIND: u8, const W: usize, const M: usize>(
-    ws: [&[u8]; W],
-    xs: [ActRow<'_>; M],
-) -> [[f32; M]; W] {
-    let kind = match KIND {
-        0 => Float::F32,
-        1 => Float::F16,
-        _ => Float::BF16,
-    };
-    let es = if kind == Float::F32 { 4 } else { 2 };
-    let k = ws[0].len() / es;
-    let main = k / 8 * 8;
-    let mut acc = [[_mm256_setzero_ps(); M]; W];
-    let mut i = 0;
-    while i < main {
-        // SAFETY: i + 8 <= k elements of every weight and activation row.
-        unsafe {
-            let mut w = [_mm256_setzero_ps(); W];
-            for (v, row) in w.iter_mut().zip(&ws) {
-                *v = load8(kind, row.as_ptr().add(i * es));
-            }
-            for r in 0..M {
-                let x = _mm256_loadu_ps(xs[r].f.as_ptr().add(i));
-                for c in 0..W {
-                    acc[c][r] = _mm256_fmadd_ps(w[c], x, acc[c][r]);
-                }
-            }
-        }
-        i += 8;
-    }
-    let mut out = [[0f32; M]; W];
-    for c in 0..W {
-        for r in 0..M {
-            out[c][r] = hsum_ps(acc[c][r]);
-            if main < k {
-                let ty = match kind {
-                    Float::F32 => crate::QType::F32,
-                    Float::F16 => crate::QType::F16,
-                    Float::BF16 => crate::QType::BF16,
-                };
-                out[c][r] += crate::portable::dot(
-                    ty,
-                    &ws[c][main * es..],
-                    ActRow {
-                        f: &xs[r].f[main..],
-                        ..xs[r]
-                    },
-                );
-            }
-        }
-    }
-    out
-}
-
 /// Eight interleaved f16 or bf16 rows (element `k` of rows 0..8 side by side) against `M`
 /// activation rows: an outer product per element, one multiply-add per activation row, with
 /// results in the lanes as in [`q4_0x8`]. `M = 8` covers the multiply-add latency; `M = 1`
@@ -613,17 +555,9 @@ pub(crate) unsafe fn half8<const BF: bool, const M: usize>(
     xs: [ActRow<'_>; M],
 ) -> [[f32; 8]; M] {
     let k = g.len() / 16;
-    let load = |p: *const u8| -> __m256 {
-        // SAFETY: 16 readable bytes at `p` (the caller's bounds).
-        unsafe {
-            let v = _mm_loadu_si128(p as *const __m128i);
-            if BF {
-                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))
-            } else {
-                _mm256_cvtph_ps(v)
-            }
-        }
-    };
+    let kind = if BF { Float::BF16 } else { Float::F16 };
+    // SAFETY: callers pass pointers with 16 readable bytes (one element of 8 rows).
+    let load = |p: *const u8| unsafe { load8(kind, p) };
     let gp = g.as_ptr();
     if M == 1 {
         let x = xs[0].f.as_ptr();
@@ -679,17 +613,9 @@ pub(crate) unsafe fn half16<const BF: bool, const M: usize>(
     xs: [ActRow<'_>; M],
 ) -> [[[f32; 8]; M]; 2] {
     let k = g0.len() / 16;
-    let load = |p: *const u8| -> __m256 {
-        // SAFETY: 16 readable bytes at `p` (the caller's bounds).
-        unsafe {
-            let v = _mm_loadu_si128(p as *const __m128i);
-            if BF {
-                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))
-            } else {
-                _mm256_cvtph_ps(v)
-            }
-        }
-    };
+    let kind = if BF { Float::BF16 } else { Float::F16 };
+    // SAFETY: callers pass pointers with 16 readable bytes (one element of 8 rows).
+    let load = |p: *const u8| unsafe { load8(kind, p) };
     let (p0, p1) = (g0.as_ptr(), g1.as_ptr());
     let mut a0 = [_mm256_setzero_ps(); M];
     let mut a1 = [_mm256_setzero_ps(); M];
