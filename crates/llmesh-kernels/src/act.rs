@@ -37,7 +37,7 @@ pub(crate) struct Acts<'a> {
     pub d: Vec<f32>,
     /// Sums of each 16 quantised values (Q8K only).
     pub bsums: Vec<i16>,
-    /// Sums of each block's 32 quantised values (Q8 only).
+    /// Sums of each block's 32 quantised values (Q4_0 only).
     pub sums: Vec<i32>,
 }
 
@@ -68,10 +68,13 @@ impl<'a> Acts<'a> {
                 a.q = vec![0; x.len()];
                 a.d = vec![0.0; x.len() / 32];
                 quantize_blocks(x, &mut a.q, &mut a.d, 32);
-                a.sums =
-                    a.q.chunks_exact(32)
-                        .map(|b| b.iter().map(|&v| i32::from(v)).sum())
-                        .collect();
+                // Only Q4_0's codes carry an offset that needs the block sums.
+                if ty == QType::Q4_0 {
+                    a.sums =
+                        a.q.chunks_exact(32)
+                            .map(|b| b.iter().map(|&v| i32::from(v)).sum())
+                            .collect();
+                }
             }
             ActKind::Q8K => {
                 a.q = vec![0; x.len()];
