@@ -52,8 +52,8 @@ pub(crate) struct ActRow<'a> {
 }
 
 impl<'a> Acts<'a> {
-    /// Quantises `x` (`m` rows of `k`) for weights of type `ty`.
-    pub(crate) fn new(ty: QType, x: &'a [f32], k: usize) -> Self {
+    /// Quantises `x` (`m` rows of `k`) for weights of type `ty`, with SIMD if `simd`.
+    pub(crate) fn new(ty: QType, x: &'a [f32], k: usize, simd: bool) -> Self {
         let mut a = Acts {
             k,
             f: x,
@@ -67,23 +67,17 @@ impl<'a> Acts<'a> {
             ActKind::Q8 => {
                 a.q = vec![0; x.len()];
                 a.d = vec![0.0; x.len() / 32];
-                quantize_blocks(x, &mut a.q, &mut a.d, 32);
                 // Only Q4_0's codes carry an offset that needs the block sums.
                 if ty == QType::Q4_0 {
-                    a.sums =
-                        a.q.chunks_exact(32)
-                            .map(|b| b.iter().map(|&v| i32::from(v)).sum())
-                            .collect();
+                    a.sums = vec![0; x.len() / 32];
                 }
+                quantize_blocks(x, &mut a.q, &mut a.d, 32, Sums::Of32(&mut a.sums), simd);
             }
             ActKind::Q8K => {
                 a.q = vec![0; x.len()];
                 a.d = vec![0.0; x.len() / 256];
                 a.bsums = vec![0; x.len() / 16];
-                quantize_blocks(x, &mut a.q, &mut a.d, 256);
-                for (s, qb) in a.bsums.iter_mut().zip(a.q.chunks_exact(16)) {
-                    *s = qb.iter().map(|&v| i16::from(v)).sum();
-                }
+                quantize_blocks(x, &mut a.q, &mut a.d, 256, Sums::Of16(&mut a.bsums), simd);
             }
         }
         a
@@ -115,37 +109,97 @@ impl<'a> Acts<'a> {
     }
 }
 
-/// Quantises `x` into `q` in blocks of `block` values with one scale each into `d`; a prompt's
-/// rows are shared between the compute threads.
-fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], block: usize) {
+/// Sums of the quantised values to compute alongside them (an empty slice: none).
+enum Sums<'s> {
+    Of32(&'s mut [i32]),
+    Of16(&'s mut [i16]),
+}
+
+/// Quantises `x` into `q` in blocks of `block` values with one scale each into `d`, and the
+/// sums asked for; a prompt's rows are shared between the compute threads.
+fn quantize_blocks(
+    x: &[f32],
+    q: &mut [i8],
+    d: &mut [f32],
+    block: usize,
+    sums: Sums<'_>,
+    simd: bool,
+) {
     use rayon::prelude::*;
     // About 64 Ki values per task: large enough that handing it to another thread pays.
     let per = (65536 / block).max(1);
-    x.par_chunks(per * block)
-        .zip(q.par_chunks_mut(per * block))
-        .zip(d.par_chunks_mut(per))
-        .for_each(|((x, q), d)| {
-            for ((xb, qb), d) in x
-                .chunks_exact(block)
-                .zip(q.chunks_exact_mut(block))
-                .zip(d.iter_mut())
-            {
-                *d = quantize_block(xb, qb);
-            }
-        });
+    let n = per * block;
+    let task = |x: &[f32], q: &mut [i8], d: &mut [f32]| {
+        for ((xb, qb), d) in x
+            .chunks_exact(block)
+            .zip(q.chunks_exact_mut(block))
+            .zip(d.iter_mut())
+        {
+            *d = quantize_block(xb, qb, simd);
+        }
+    };
+    let parts = x
+        .par_chunks(n)
+        .zip(q.par_chunks_mut(n))
+        .zip(d.par_chunks_mut(per));
+    match sums {
+        Sums::Of32(s) if !s.is_empty() => {
+            parts
+                .zip(s.par_chunks_mut(n / 32))
+                .for_each(|(((x, q), d), s)| {
+                    task(x, q, d);
+                    for (s, qb) in s.iter_mut().zip(q.chunks_exact(32)) {
+                        *s = qb.iter().map(|&v| i32::from(v)).sum();
+                    }
+                })
+        }
+        Sums::Of16(s) if !s.is_empty() => {
+            parts
+                .zip(s.par_chunks_mut(n / 16))
+                .for_each(|(((x, q), d), s)| {
+                    task(x, q, d);
+                    for (s, qb) in s.iter_mut().zip(q.chunks_exact(16)) {
+                        *s = qb.iter().map(|&v| i16::from(v)).sum();
+                    }
+                })
+        }
+        _ => parts.for_each(|((x, q), d)| task(x, q, d)),
+    }
 }
 
-/// Quantises `x` to `q` with one scale (round to nearest); returns the scale.
-fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
+/// Quantises `x` to `q` with one scale (round to nearest, ties to even); returns the scale.
+fn quantize_block(x: &[f32], q: &mut [i8], simd: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd && x.len().is_multiple_of(32) {
+        // SAFETY: `simd` holds only where x86::available() confirmed the CPU features; the
+        // lengths are multiples of 32.
+        return unsafe {
+            match crate::x86::abs_max(x) {
+                None => nan_block(q),
+                Some(0.0) => {
+                    q.fill(0);
+                    0.0
+                }
+                Some(amax) => {
+                    let d = amax / 127.0;
+                    crate::x86::quantize_with_scale(x, q, d);
+                    d
+                }
+            }
+        };
+    }
+    let _ = simd;
     let (mut amax, mut finite) = (0f32, true);
     for v in x {
         finite &= v.is_finite();
         amax = amax.max(v.abs());
     }
-    if !finite || amax == 0.0 {
-        // A NaN scale makes every product with this block NaN, as the f32 product would be.
+    if !finite {
+        return nan_block(q);
+    }
+    if amax == 0.0 {
         q.fill(0);
-        return if finite { 0.0 } else { f32::NAN };
+        return 0.0;
     }
     let d = amax / 127.0;
     let id = 1.0 / d;
@@ -153,4 +207,51 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
         *q = (v * id).round_ties_even() as i8;
     }
     d
+}
+
+/// A block with a value that is not finite: a NaN scale makes every product with it NaN, as the
+/// f32 product would be.
+fn nan_block(q: &mut [i8]) -> f32 {
+    q.fill(0);
+    f32::NAN
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The SIMD quantiser gives exactly the scalar one's codes and scales, ties included.
+    #[test]
+    fn simd_quantisation_equals_scalar() {
+        #[cfg(target_arch = "x86_64")]
+        if crate::x86::available() {
+            let mut x: Vec<f32> = (0..4096)
+                .map(|i| ((i as f32 * 0.37).sin() * 3.0) * (1 + i % 7) as f32)
+                .collect();
+            // A block whose values fall exactly halfway between codes (amax 127: d = 1).
+            for (i, v) in x[256..288].iter_mut().enumerate() {
+                *v = i as f32 - 16.5;
+            }
+            x[256] = 127.0;
+            x[512..544].fill(0.0);
+            x[1024] = f32::NAN;
+            x[2048] = f32::INFINITY;
+            x[3000] = f32::NEG_INFINITY;
+            for (ty, block) in [(QType::Q4_0, 32), (QType::Q4K, 256)] {
+                let a = Acts::new(ty, &x, 1024, true);
+                let b = Acts::new(ty, &x, 1024, false);
+                assert_eq!(a.q, b.q, "{ty:?}");
+                assert_eq!(a.sums, b.sums, "{ty:?}");
+                assert_eq!(a.bsums, b.bsums, "{ty:?}");
+                assert_eq!(a.d.len(), x.len() / block);
+                for (i, (p, q)) in a.d.iter().zip(&b.d).enumerate() {
+                    assert!(
+                        p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()),
+                        "{i}"
+                    );
+                }
+                assert!(a.d.iter().any(|d| d.is_nan()) && a.d.contains(&0.0) == (block == 32));
+            }
+        }
+    }
 }

@@ -93,7 +93,7 @@ fn simd_available() -> bool {
 
 /// A weight matrix `[rows, cols]` in its stored form.
 ///
-/// On CPUs with a SIMD path, Q4_0 and Q8_0 rows are reordered in groups of eight (see
+/// On CPUs with a SIMD path, quantized and half-precision rows are reordered in groups of eight (see
 /// `repack`); the byte count never changes.
 #[derive(Clone)]
 pub struct QMatrix {
@@ -246,7 +246,7 @@ impl QMatrix {
             return Ok(());
         }
         let simd = backend == Backend::Auto && simd_available();
-        let acts = Acts::new(self.ty, x, k);
+        let acts = Acts::new(self.ty, x, k, simd);
         let threads = rayon::current_num_threads().max(1);
         // Enough tasks to balance uneven cores, each a whole number of 8-row groups.
         let chunk = n.div_ceil(threads * 4).div_ceil(8).max(1) * 8;
@@ -422,6 +422,7 @@ impl QMatrix {
                 match self.ty {
                     QType::Q4_0 => x86::q4_0x8::<M>(group, xs),
                     QType::Q4K => x86::q4kx8::<M>(group, xs),
+                    QType::Q6K => x86::q6kx8::<M>(group, xs),
                     QType::F16 => x86::half8::<false, M>(group, xs),
                     QType::BF16 => x86::half8::<true, M>(group, xs),
                     _ => x86::q8_0x8::<M>(group, xs),

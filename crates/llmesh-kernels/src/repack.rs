@@ -9,6 +9,9 @@
 //! Per super-block column of Q4_K: the eight `d` (16 bytes), the eight `dmin` (16 bytes), the
 //! twelve scale bytes as three 4-byte chunks of rows 0..8 (96 bytes), then the 128 code bytes
 //! as 32 chunks of 4 bytes of rows 0..8 (1024 bytes).
+//! Per super-block column of Q6_K: the eight `d` (16 bytes), the sixteen 8-bit sub-scales as
+//! sixteen runs of rows 0..8 (128 bytes), the 128 low-bits bytes as 32 chunks of 4 bytes of rows
+//! 0..8 (1024 bytes), then the 64 high-bits bytes likewise as 16 chunks (512 bytes).
 
 use crate::formats::QType;
 
@@ -16,7 +19,7 @@ use crate::formats::QType;
 pub(crate) fn interleaves(ty: QType) -> bool {
     matches!(
         ty,
-        QType::Q4_0 | QType::Q8_0 | QType::Q4K | QType::F16 | QType::BF16
+        QType::Q4_0 | QType::Q8_0 | QType::Q4K | QType::Q6K | QType::F16 | QType::BF16
     )
 }
 
@@ -31,6 +34,19 @@ fn spans(ty: QType, r: usize) -> Vec<(usize, usize, usize)> {
             }
             for q in 0..32 {
                 v.push((16 + 4 * q, 128 + 32 * q + 4 * r, 4));
+            }
+            v
+        }
+        QType::Q6K => {
+            let mut v = vec![(208, 2 * r, 2)];
+            for j in 0..16 {
+                v.push((192 + j, 16 + 8 * j + r, 1));
+            }
+            for q in 0..32 {
+                v.push((4 * q, 144 + 32 * q + 4 * r, 4));
+            }
+            for q in 0..16 {
+                v.push((128 + 4 * q, 1168 + 32 * q + 4 * r, 4));
             }
             v
         }

@@ -545,6 +545,90 @@ pub(crate) unsafe fn q4kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f
     lanes(acc)
 }
 
+/// Eight interleaved Q6_K rows against `M` activation rows (as [`q4_0x8`]; layout in
+/// `repack`). Element `l` of each 32-value quarter `g` of a half `n` takes its low four bits
+/// from low-bits byte `64n + l` (`g` 0, 2) or `64n + 32 + l` (`g` 1, 3), low or high nibble,
+/// and its top two bits from bits `2g` of high-bits byte `32n + l`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn q6kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f32; 8]; M] {
+    let nsb = g.len() / 1680;
+    let m4 = _mm256_set1_epi8(0x0f);
+    let m30 = _mm256_set1_epi8(0x30);
+    let mut acc = [_mm256_setzero_ps(); M];
+    for sb in 0..nsb {
+        // SAFETY: super-block column `sb` lies within `g`; activation rows hold nsb * 256
+        // values, nsb scales and nsb * 16 sums.
+        unsafe {
+            let blk = g.as_ptr().add(sb * 1680);
+            prefetch_ahead(blk, 1680);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+            // Sub-scale j of the eight rows, each row's value twice in its 32-bit lane (the
+            // form `madd` needs against pair sums).
+            let mut scv = [_mm256_setzero_si256(); 16];
+            for (j, v) in scv.iter_mut().enumerate() {
+                let s = _mm_cvtepi8_epi16(_mm_loadl_epi64(blk.add(16 + 8 * j) as *const __m128i));
+                *v = _mm256_set_m128i(_mm_unpackhi_epi16(s, s), _mm_unpacklo_epi16(s, s));
+            }
+            let ql = blk.add(144);
+            let qh = blk.add(1168);
+            let mut isum = [_mm256_setzero_si256(); M];
+            for n in 0..2 {
+                for cp in 0..4 {
+                    // Elements 8cp..8cp+8 of each quarter: two chunks of four per row.
+                    let mut codes = [[_mm256_setzero_si256(); 4]; 2];
+                    for (h, cs) in codes.iter_mut().enumerate() {
+                        let c = 2 * cp + h;
+                        let a = _mm256_loadu_si256(ql.add(32 * (16 * n + c)) as *const __m256i);
+                        let b = _mm256_loadu_si256(ql.add(32 * (16 * n + 8 + c)) as *const __m256i);
+                        let hb = _mm256_loadu_si256(qh.add(32 * (8 * n + c)) as *const __m256i);
+                        let top = |v: __m256i| _mm256_and_si256(v, m30);
+                        cs[0] =
+                            _mm256_or_si256(_mm256_and_si256(a, m4), top(_mm256_slli_epi16(hb, 4)));
+                        cs[1] =
+                            _mm256_or_si256(_mm256_and_si256(b, m4), top(_mm256_slli_epi16(hb, 2)));
+                        cs[2] =
+                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), m4), top(hb));
+                        cs[3] = _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(b, 4), m4),
+                            top(_mm256_srli_epi16(hb, 2)),
+                        );
+                    }
+                    for r in 0..M {
+                        let x = xs[r].q.as_ptr().add(256 * sb + 128 * n + 8 * cp);
+                        for q in 0..4 {
+                            let xq = x.add(32 * q);
+                            let x0 = _mm256_set1_epi32(std::ptr::read_unaligned(xq as *const i32));
+                            let x1 = _mm256_set1_epi32(std::ptr::read_unaligned(
+                                xq.add(4) as *const i32
+                            ));
+                            // Codes are 0..63 and |x| <= 127: two pair sums stay within i16.
+                            let s16 = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(codes[0][q], x0),
+                                _mm256_maddubs_epi16(codes[1][q], x1),
+                            );
+                            let j = 8 * n + 2 * q + cp / 2;
+                            isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(s16, scv[j]));
+                        }
+                    }
+                }
+            }
+            // The codes carry an offset of 32: subtract 32 × Σ scale × (sum of 16 activations).
+            for r in 0..M {
+                let bs = xs[r].bsums.as_ptr().add(16 * sb);
+                let mut off = _mm256_setzero_si256();
+                for (j, sc) in scv.iter().enumerate() {
+                    let b = _mm256_set1_epi32(i32::from(*bs.add(j)) & 0xffff);
+                    off = _mm256_add_epi32(off, _mm256_madd_epi16(*sc, b));
+                }
+                let s = _mm256_sub_epi32(isum[r], _mm256_slli_epi32(off, 5));
+                let dx = _mm256_set1_ps(*xs[r].d.get_unchecked(sb));
+                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(s), acc[r]);
+            }
+        }
+    }
+    lanes(acc)
+}
+
 /// Eight interleaved f16 or bf16 rows (element `k` of rows 0..8 side by side) against `M`
 /// activation rows: an outer product per element, one multiply-add per activation row, with
 /// results in the lanes as in [`q4_0x8`]. `M = 8` covers the multiply-add latency; `M = 1`
@@ -632,4 +716,50 @@ pub(crate) unsafe fn half16<const BF: bool, const M: usize>(
         }
     }
     [lanes(a0), lanes(a1)]
+}
+
+/// Quantises `x` (a multiple of 32 values, all finite) to `q` with the scale `d` (`> 0`):
+/// `q = round_ties_even(x / d)`, exactly as the scalar code does.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn quantize_with_scale(x: &[f32], q: &mut [i8], d: f32) {
+    let id = _mm256_set1_ps(1.0 / d);
+    // packs_epi32 / packs_epi16 interleave 128-bit lanes; this puts the 32 values back in order.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (xb, qb) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)) {
+        // SAFETY: 32 values are read from `xb` and 32 bytes written to `qb`.
+        unsafe {
+            let p = xb.as_ptr();
+            let r = |i: usize| {
+                let v = _mm256_mul_ps(_mm256_loadu_ps(p.add(8 * i)), id);
+                _mm256_cvtps_epi32(_mm256_round_ps::<
+                    { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+                >(v))
+            };
+            let lo = _mm256_packs_epi32(r(0), r(1));
+            let hi = _mm256_packs_epi32(r(2), r(3));
+            let b = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(lo, hi), order);
+            _mm256_storeu_si256(qb.as_mut_ptr() as *mut __m256i, b);
+        }
+    }
+}
+
+/// The largest magnitude in `x` (a multiple of 8 values), or `None` if any value is not finite.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn abs_max(x: &[f32]) -> Option<f32> {
+    let sign = _mm256_set1_ps(-0.0);
+    let inf = _mm256_set1_ps(f32::INFINITY);
+    let mut m = _mm256_setzero_ps();
+    let mut ok = _mm256_cmp_ps::<_CMP_EQ_OQ>(m, m);
+    for c in x.chunks_exact(8) {
+        // SAFETY: 8 values are read.
+        let v = _mm256_andnot_ps(sign, unsafe { _mm256_loadu_ps(c.as_ptr()) });
+        ok = _mm256_and_ps(ok, _mm256_cmp_ps::<_CMP_LT_OQ>(v, inf));
+        m = _mm256_max_ps(m, v);
+    }
+    if _mm256_movemask_ps(ok) != 0xff {
+        return None;
+    }
+    let s = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    Some(_mm_cvtss_f32(_mm_max_ss(s, _mm_shuffle_ps(s, s, 1))))
 }

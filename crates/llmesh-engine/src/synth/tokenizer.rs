@@ -81,7 +81,10 @@ fn learn_merges(words: &[(Vec<String>, u64)], n_merges: usize) -> Vec<(String, S
                 })
             })
             .map(|(p, _)| *p);
-        let Some((a, b)) = best else { break };
+        let Some((a, b)) = best else {
+            fill_merges(&mut symbols, &mut merges, n_merges);
+            break;
+        };
         let merged = format!("{}{}", symbols[a as usize], symbols[b as usize]);
         let m = intern(&merged, &mut symbols);
         merges.push((symbols[a as usize].clone(), symbols[b as usize].clone()));
@@ -101,6 +104,35 @@ fn learn_merges(words: &[(Vec<String>, u64)], n_merges: usize) -> Vec<(String, S
         }
     }
     merges
+}
+
+/// Once the corpus has no pair left that occurs twice, tops the merges up to `n_merges` with
+/// pairs of known symbols chosen by a fixed pseudo-random sequence, so that a model can have a
+/// real model's vocabulary size (32,000 and more) although the embedded corpus is small. Every
+/// added merge joins two symbols that are already reachable, so the vocabulary stays a valid BPE.
+fn fill_merges(symbols: &mut Vec<String>, merges: &mut Vec<(String, String)>, n_merges: usize) {
+    const MAX_CHARS: usize = 12;
+    let mut known: std::collections::HashSet<String> = symbols.iter().cloned().collect();
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = |n: usize| {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((state >> 33) % n as u64) as usize
+    };
+    let mut misses = 0;
+    while merges.len() < n_merges && misses < 1_000_000 {
+        let a = symbols[next(symbols.len())].clone();
+        let b = symbols[next(symbols.len())].clone();
+        let merged = format!("{a}{b}");
+        if merged.chars().count() > MAX_CHARS || known.contains(&merged) {
+            misses += 1;
+            continue;
+        }
+        known.insert(merged.clone());
+        symbols.push(merged);
+        merges.push((a, b));
+    }
 }
 
 fn count_words(words: impl Iterator<Item = String>) -> Vec<(String, u64)> {
@@ -414,5 +446,16 @@ mod tests {
         let s = build(TokenizerStyle::Mistral, 600).unwrap();
         assert!(s.vocab.tokens.iter().any(|t| t == "\u{2581}the"));
         assert_eq!(s.vocab.tokens.len(), s.vocab.scores.len());
+    }
+
+    #[test]
+    fn a_real_vocabulary_size_is_reached_past_the_corpus() {
+        for style in [TokenizerStyle::Llama3, TokenizerStyle::Mistral] {
+            let t = build(style, 32_000).unwrap();
+            let n = t.vocab.tokens.len();
+            assert!((31_900..=32_100).contains(&n), "{style:?}: {n} tokens");
+            let unique: std::collections::HashSet<&String> = t.vocab.tokens.iter().collect();
+            assert_eq!(unique.len(), n, "{style:?}: repeated tokens");
+        }
     }
 }

@@ -1,0 +1,79 @@
+//! Throughput of one transformer layer's products (a 1B Llama: hidden 2048, 8 KV heads of 64,
+//! FFN 8192) per weight type, for a given number of activation rows: where a prompt's or a
+//! decode step's time goes, shape by shape.
+//!
+//! `cargo run --release -p llmesh-kernels --example layer_shapes -- [rows] [types] [threads]`
+#![allow(clippy::unwrap_used)]
+
+use std::time::Instant;
+
+use llmesh_kernels::{QMatrix, QType};
+
+fn matrix(ty: QType, rows: usize, cols: usize) -> QMatrix {
+    let mut data: Vec<u8> = (0..ty.row_bytes(cols) * rows)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let scale = half::f16::from_f32(0.01).to_le_bytes();
+    let (bb, at): (usize, &[usize]) = match ty {
+        QType::Q8_0 => (34, &[0]),
+        QType::Q4_0 => (18, &[0]),
+        QType::Q4K => (144, &[0, 2]),
+        QType::Q6K => (210, &[208]),
+        QType::F16 => (2, &[0]),
+        QType::BF16 | QType::F32 => (1, &[]),
+    };
+    for b in data.chunks_exact_mut(bb) {
+        for &a in at {
+            b[a..a + 2].copy_from_slice(&scale);
+        }
+    }
+    if ty == QType::BF16 {
+        for c in data.chunks_exact_mut(2) {
+            c.copy_from_slice(&half::bf16::from_f32(0.01).to_le_bytes());
+        }
+    }
+    QMatrix::new(ty, rows, cols, data).unwrap()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let m: usize = args.get(1).map_or(128, |a| a.parse().unwrap());
+    let types = args
+        .get(2)
+        .map_or("F16,Q8_0,Q4_0,Q4_K,Q6_K", String::as_str);
+    if let Some(t) = args.get(3) {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t.parse().unwrap())
+            .build_global()
+            .unwrap();
+    }
+    let shapes = [
+        ("q/o 2048x2048", 2048, 2048),
+        ("k/v 512x2048", 512, 2048),
+        ("gate/up 8192x2048", 8192, 2048),
+        ("down 2048x8192", 2048, 8192),
+    ];
+    for name in types.split(',') {
+        let ty = *QType::ALL
+            .iter()
+            .find(|t| t.name().eq_ignore_ascii_case(name))
+            .unwrap_or_else(|| panic!("unknown type {name}"));
+        let mut line = format!("{name:6} m={m:4}:");
+        for (label, n, k) in shapes {
+            let w = matrix(ty, n, k);
+            let x: Vec<f32> = (0..m * k).map(|i| ((i % 17) as f32 - 8.0) * 0.1).collect();
+            let mut y = vec![0f32; m * n];
+            w.matmul(&x, m, &mut y).unwrap();
+            let reps = (2e9 / (m * n * k) as f64).ceil().max(3.0) as usize;
+            let t0 = Instant::now();
+            for _ in 0..reps {
+                w.matmul(&x, m, &mut y).unwrap();
+            }
+            let dt = t0.elapsed().as_secs_f64() / reps as f64;
+            let gmac = (m * n * k) as f64 / dt / 1e9;
+            let gbs = w.size_in_bytes() as f64 / dt / 1e9;
+            line += &format!("  {label}: {gmac:6.1} GMAC/s {gbs:5.1} GB/s");
+        }
+        println!("{line}");
+    }
+}
