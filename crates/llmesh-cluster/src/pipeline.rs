@@ -21,7 +21,9 @@ use llmesh_engine::{Error, GenerateRequest, LogitsFor, ShardInput};
 
 use crate::node::{HopState, Inner, PlanState};
 use crate::partition::Plan;
-use crate::wire::{CtlRequest, StepError, StepRequest, StepResponse, decode_hidden, encode_hidden};
+use crate::wire::{
+    CtlRequest, StepError, StepReply, StepRequest, StepResponse, decode_hidden, encode_hidden,
+};
 
 /// Runs one step at this node (hop `req.hop` of the plan) and, unless it is the last hop, the
 /// rest of the pipeline after it.
@@ -137,7 +139,7 @@ pub(crate) fn handle_step(inner: &Arc<Inner>, req: StepRequest) -> StepResponse 
             .unwrap_or_else(|| Err(Error::Invalid("no head".into())))
             .map_err(|e| StepError::Failed(e.to_string()));
         put_back(inner, key, state);
-        return result;
+        return result.map(StepReply::Done);
     }
     let hidden = out
         .into_hidden()
@@ -151,6 +153,15 @@ pub(crate) fn handle_step(inner: &Arc<Inner>, req: StepRequest) -> StepResponse 
             "the plan ends before the last layer".into(),
         ));
     };
+    if next.node == req.entry && req.entry != inner.me_s {
+        inner
+            .bytes_sent
+            .fetch_add(wire.data.len() as u64, Ordering::Relaxed);
+        return Ok(StepReply::Hidden {
+            hop: next_hop as u32,
+            hidden: wire,
+        });
+    }
     let next_req = StepRequest {
         hop: next_hop as u32,
         hidden: Some(wire),
@@ -297,12 +308,32 @@ impl ClusterRunner {
             head,
         };
         let first = plan.hops[0].node.clone();
-        match forward(&self.inner, &first, req) {
-            Ok(out) => Ok(out),
-            Err(StepError::NotReady(m)) => Err(Retry::Wait(m)),
-            Err(StepError::StateLost(m)) => Err(Retry::Replay(m)),
-            Err(StepError::Unreachable { peer, detail }) => Err(Retry::Drop(peer, detail)),
-            Err(StepError::Failed(m)) => Err(Retry::Fatal(m)),
+        let mut result = forward(&self.inner, &first, req.clone());
+        loop {
+            return match result {
+                Ok(StepReply::Done(out)) => Ok(out),
+                // A hop before this node hands the activations back: run this node's hop (and
+                // the rest of the plan after it) from here.
+                Ok(StepReply::Hidden { hop, hidden }) => {
+                    let ours = plan.hops.get(hop as usize).map(|h| h.node.as_str());
+                    if ours != Some(self.inner.me_s.as_str()) {
+                        return Err(Retry::Fatal(format!(
+                            "activations came back for hop {hop}, which this node does not run"
+                        )));
+                    }
+                    let next = StepRequest {
+                        hop,
+                        hidden: Some(hidden),
+                        ..req.clone()
+                    };
+                    result = handle_step(&self.inner, next);
+                    continue;
+                }
+                Err(StepError::NotReady(m)) => Err(Retry::Wait(m)),
+                Err(StepError::StateLost(m)) => Err(Retry::Replay(m)),
+                Err(StepError::Unreachable { peer, detail }) => Err(Retry::Drop(peer, detail)),
+                Err(StepError::Failed(m)) => Err(Retry::Fatal(m)),
+            };
         }
     }
 

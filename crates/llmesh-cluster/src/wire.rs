@@ -215,13 +215,29 @@ impl std::fmt::Display for StepError {
     }
 }
 
+/// What a hop answers when its step went well.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StepReply {
+    /// The last hop ran: the step's result.
+    Done(StepOutput),
+    /// The next hop is the entry node, which holds the request open: rather than send it a new
+    /// step (and answer back down the chain after it), the activations come back in the reply
+    /// and the entry continues at hop `hop` itself — two messages per token fewer.
+    Hidden {
+        /// The hop that runs next (on the entry node).
+        hop: u32,
+        /// Its input.
+        hidden: WireTensor,
+    },
+}
+
 /// The reply to a step.
-pub type StepResponse = Result<StepOutput, StepError>;
+pub type StepResponse = Result<StepReply, StepError>;
 
 /// The control protocol.
 pub const CTL_PROTOCOL: StreamProtocol = StreamProtocol::new("/llmesh/ctl/1");
 /// The pipeline protocol.
-pub const STEP_PROTOCOL: StreamProtocol = StreamProtocol::new("/llmesh/step/1");
+pub const STEP_PROTOCOL: StreamProtocol = StreamProtocol::new("/llmesh/step/2");
 
 /// Length-prefixed postcard messages of bounded size.
 #[derive(Debug)]
