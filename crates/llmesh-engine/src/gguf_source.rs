@@ -15,8 +15,8 @@ use crate::config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::gguf::{self, Header, MetaValue};
 use crate::weights::{
-    LayerWeight, Weight, WeightName, WeightSource, floats_to_f32, gguf_row_of_hf_row, permute_rows,
-    release_mapped, weight_from_bytes,
+    LayerWeight, TensorBytes, Weight, WeightName, WeightSource, floats_to_f32, gguf_row_of_hf_row,
+    permute_rows, release_mapped, weight_from_bytes,
 };
 
 /// An open GGUF file.
@@ -235,9 +235,9 @@ impl WeightSource for GgufSource {
                 let unpermuted = permute_rows(bytes, bytes.len() / rows, |r| {
                     gguf_row_of_hf_row(r, head_dim)
                 });
-                weight_from_bytes(&unpermuted, dtype, rows, cols)?
+                weight_from_bytes(TensorBytes::Owned(unpermuted), dtype, rows, cols)?
             }
-            _ => weight_from_bytes(bytes, dtype, rows, cols)?,
+            _ => weight_from_bytes(TensorBytes::Mapped(&self.map, bytes), dtype, rows, cols)?,
         };
         self.release(bytes);
         Ok(weight)

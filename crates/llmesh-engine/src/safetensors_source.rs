@@ -13,7 +13,7 @@ use safetensors::Dtype;
 
 use crate::error::{Error, Result};
 use crate::weights::{
-    Weight, WeightName, WeightSource, floats_to_f32, release_mapped, weight_from_bytes,
+    TensorBytes, Weight, WeightName, WeightSource, floats_to_f32, release_mapped, weight_from_bytes,
 };
 
 /// The name of the single-file checkpoint.
@@ -163,7 +163,7 @@ impl SafetensorsSource {
         &self,
         name: WeightName,
         expected: &[usize],
-        f: impl FnOnce(&[u8], GgmlDType) -> Result<T>,
+        f: impl FnOnce(&memmap2::Mmap, &[u8], GgmlDType) -> Result<T>,
     ) -> Result<T> {
         let (file, key) = self.locate(name)?;
         let meta = &file.tensors[&key];
@@ -195,7 +195,7 @@ impl SafetensorsSource {
                 format!("tensor `{key}` has the wrong number of bytes for its shape"),
             ));
         }
-        let out = f(bytes, dtype)?;
+        let out = f(&file.map, bytes, dtype)?;
         release_mapped(&file.map, meta.start, meta.end - meta.start);
         Ok(out)
     }
@@ -217,13 +217,13 @@ impl WeightSource for SafetensorsSource {
     }
 
     fn matrix(&self, name: WeightName, rows: usize, cols: usize) -> Result<Weight> {
-        self.read(name, &[rows, cols], |bytes, dtype| {
-            weight_from_bytes(bytes, dtype, rows, cols)
+        self.read(name, &[rows, cols], |map, bytes, dtype| {
+            weight_from_bytes(TensorBytes::Mapped(map, bytes), dtype, rows, cols)
         })
     }
 
     fn vector(&self, name: WeightName, len: usize) -> Result<Tensor> {
-        self.read(name, &[len], |bytes, dtype| {
+        self.read(name, &[len], |_, bytes, dtype| {
             let v = floats_to_f32(bytes, dtype).unwrap_or_default();
             Ok(Tensor::from_vec(v, len, &Device::Cpu)?)
         })

@@ -219,11 +219,17 @@ pub(crate) fn floats_to_f32(bytes: &[u8], dtype: GgmlDType) -> Option<Vec<f32>> 
 /// Builds an in-memory weight from stored bytes: f32 becomes a dense tensor, anything else stays
 /// in its storage type.
 pub(crate) fn weight_from_bytes(
-    bytes: &[u8],
+    bytes: TensorBytes<'_>,
     dtype: GgmlDType,
     rows: usize,
     cols: usize,
 ) -> Result<Weight> {
+    if let Some(ty) = kernel_type(dtype) {
+        let m = QMatrix::new(ty, rows, cols, bytes.into_vec())
+            .map_err(|e| crate::error::Error::Invalid(e.to_string()))?;
+        return Ok(Weight::Packed(Arc::new(m)));
+    }
+    let bytes = bytes.as_slice();
     if dtype == GgmlDType::F32 {
         let v = floats_to_f32(bytes, dtype).unwrap_or_default();
         return Ok(Weight::Dense(Tensor::from_vec(
@@ -231,11 +237,6 @@ pub(crate) fn weight_from_bytes(
             (rows, cols),
             &Device::Cpu,
         )?));
-    }
-    if let Some(ty) = kernel_type(dtype) {
-        let m = QMatrix::new(ty, rows, cols, bytes.to_vec())
-            .map_err(|e| crate::error::Error::Invalid(e.to_string()))?;
-        return Ok(Weight::Packed(Arc::new(m)));
     }
     // candle reinterprets the bytes as blocks, which needs them aligned; copy when they are not.
     let aligned: Cow<'_, [u8]> = if (bytes.as_ptr() as usize).is_multiple_of(16) {
@@ -303,6 +304,42 @@ pub(crate) fn hf_row_of_gguf_row(gguf_row: usize, head_dim: usize) -> usize {
     let r = gguf_row % head_dim;
     let (j, i) = (r / 2, r % 2);
     head * head_dim + i * half + j
+}
+
+/// A tensor's bytes: still in a file mapping, or already copied out (e.g. reordered).
+pub(crate) enum TensorBytes<'a> {
+    /// A range of a read-only file mapping.
+    Mapped(&'a memmap2::Mmap, &'a [u8]),
+    /// Bytes of our own.
+    Owned(Vec<u8>),
+}
+
+impl TensorBytes<'_> {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            TensorBytes::Mapped(_, b) => b,
+            TensorBytes::Owned(v) => v,
+        }
+    }
+
+    /// The bytes in a vector of our own. Mapped bytes are copied a few MiB at a time, dropping
+    /// each piece's mapped pages once copied, so a large tensor (a 32,000-token embedding in F16
+    /// is 131 MB) is never resident twice.
+    fn into_vec(self) -> Vec<u8> {
+        const PIECE: usize = 8 << 20;
+        match self {
+            TensorBytes::Owned(v) => v,
+            TensorBytes::Mapped(map, bytes) => {
+                let base = map.as_ptr() as usize;
+                let mut v = Vec::with_capacity(bytes.len());
+                for piece in bytes.chunks(PIECE) {
+                    v.extend_from_slice(piece);
+                    release_mapped(map, piece.as_ptr() as usize - base, piece.len());
+                }
+                v
+            }
+        }
+    }
 }
 
 /// Tells the kernel it may drop the pages of `range` of a read-only file mapping from this

@@ -60,18 +60,28 @@ fn main() {
             .unwrap_or_else(|| panic!("unknown type {name}"));
         let mut line = format!("{name:6} m={m:4}:");
         for (label, n, k) in shapes {
-            let w = matrix(ty, n, k);
+            // Enough copies that a mat-vec streams from memory, not from the last-level cache,
+            // as in a model.
+            let one = matrix(ty, n, k);
+            let copies = if m <= 4 {
+                (256 << 20) / one.size_in_bytes() + 1
+            } else {
+                1
+            };
+            let ws: Vec<QMatrix> = (0..copies).map(|_| one.clone()).collect();
             let x: Vec<f32> = (0..m * k).map(|i| ((i % 17) as f32 - 8.0) * 0.1).collect();
             let mut y = vec![0f32; m * n];
-            w.matmul(&x, m, &mut y).unwrap();
-            let reps = (2e9 / (m * n * k) as f64).ceil().max(3.0) as usize;
-            let t0 = Instant::now();
-            for _ in 0..reps {
+            for w in &ws {
                 w.matmul(&x, m, &mut y).unwrap();
+            }
+            let reps = (2e9 / (m * n * k) as f64).ceil().max(3.0) as usize * copies;
+            let t0 = Instant::now();
+            for i in 0..reps {
+                ws[i % copies].matmul(&x, m, &mut y).unwrap();
             }
             let dt = t0.elapsed().as_secs_f64() / reps as f64;
             let gmac = (m * n * k) as f64 / dt / 1e9;
-            let gbs = w.size_in_bytes() as f64 / dt / 1e9;
+            let gbs = one.size_in_bytes() as f64 / dt / 1e9;
             line += &format!("  {label}: {gmac:6.1} GMAC/s {gbs:5.1} GB/s");
         }
         println!("{line}");
