@@ -91,6 +91,53 @@ fn simd_available() -> bool {
     })
 }
 
+/// The output's base pointer, shared by the tasks of one product.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+
+// SAFETY: tasks write through it only into the disjoint column ranges given to `Out::new`.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+/// One task's window of a product's output: columns `cols` of each of `m` rows of `n` values.
+struct Out<'a> {
+    base: *mut f32,
+    m: usize,
+    n: usize,
+    cols: std::ops::Range<usize>,
+    _y: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+impl Out<'_> {
+    /// # Safety
+    /// `y` points to `m * n` values that outlive the window, and no other live window or
+    /// reference covers columns `cols` of those rows.
+    unsafe fn new(y: OutPtr, m: usize, n: usize, cols: std::ops::Range<usize>) -> Self {
+        assert!(cols.end <= n, "output columns out of range");
+        Out {
+            base: y.0,
+            m,
+            n,
+            cols,
+            _y: std::marker::PhantomData,
+        }
+    }
+
+    /// The window's part of output row `i`.
+    fn row(&mut self, i: usize) -> &mut [f32] {
+        assert!(i < self.m, "output row out of range");
+        // SAFETY: row i's columns `cols` lie within the m × n output and belong to this window
+        // alone (Out::new's contract); `&mut self` keeps the slice unique within it.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.base.add(i * self.n + self.cols.start),
+                self.cols.len(),
+            )
+        }
+    }
+}
+
 /// A weight matrix `[rows, cols]` in its stored form.
 ///
 /// On CPUs with a SIMD path, quantized and half-precision rows are reordered in groups of eight (see
@@ -250,27 +297,14 @@ impl QMatrix {
         let threads = rayon::current_num_threads().max(1);
         // Enough tasks to balance uneven cores, each a whole number of 8-row groups.
         let chunk = n.div_ceil(threads * 4).div_ceil(8).max(1) * 8;
-        if m == 1 {
-            y.par_chunks_mut(chunk).enumerate().for_each(|(t, out)| {
-                self.tile(simd, &acts, 1, t * chunk..t * chunk + out.len(), out);
-            });
-            return Ok(());
-        }
-        let parts: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(chunk))
-            .into_par_iter()
-            .map(|t| {
-                let rows = t * chunk..((t + 1) * chunk).min(n);
-                let mut out = vec![0f32; m * rows.len()];
-                self.tile(simd, &acts, m, rows.clone(), &mut out);
-                (rows.start, out)
-            })
-            .collect();
-        for (r0, out) in parts {
-            let width = out.len() / m;
-            for (i, o) in out.chunks_exact(width).enumerate() {
-                y[i * n + r0..i * n + r0 + width].copy_from_slice(o);
-            }
-        }
+        let y_ptr = OutPtr(y.as_mut_ptr());
+        (0..n.div_ceil(chunk)).into_par_iter().for_each(|t| {
+            let rows = t * chunk..((t + 1) * chunk).min(n);
+            // SAFETY: `y` holds m rows of n; this task writes only columns `rows` of each, and
+            // no two tasks share a column. `y` outlives the parallel loop.
+            let mut out = unsafe { Out::new(y_ptr, m, n, rows.clone()) };
+            self.tile(simd, &acts, m, rows, &mut out);
+        });
         Ok(())
     }
 
@@ -282,12 +316,11 @@ impl QMatrix {
         acts: &Acts<'_>,
         m: usize,
         rows: std::ops::Range<usize>,
-        out: &mut [f32],
+        out: &mut Out<'_>,
     ) {
         // Activation rows per pass: their 8-bit copies stay in the L2 cache while the thread's
         // weight rows stream past them.
         const MT: usize = 32;
-        let width = rows.len();
         for i0 in (0..m).step_by(MT) {
             let i1 = (i0 + MT).min(m);
             let mut j = rows.start;
@@ -328,8 +361,8 @@ impl QMatrix {
                         }
                         for (h, part) in r.iter().enumerate() {
                             for (d, lanes) in part.iter().enumerate().take(n) {
-                                let at = (i + d) * width + jj + 8 * h;
-                                out[at..at + 8].copy_from_slice(lanes);
+                                let at = jj + 8 * h;
+                                out.row(i + d)[at..at + 8].copy_from_slice(lanes);
                             }
                         }
                         i += n;
@@ -341,9 +374,9 @@ impl QMatrix {
                     // Float groups take 8 activation rows per tile (enough independent
                     // multiply-adds to hide their latency), integer groups 4.
                     if self.float_kind().is_some() {
-                        self.group_tile::<8>(j / 8, acts, i0..i1, &mut out[jj..], width);
+                        self.group_tile::<8>(j / 8, acts, i0..i1, out, jj);
                     } else {
-                        self.group_tile::<4>(j / 8, acts, i0..i1, &mut out[jj..], width);
+                        self.group_tile::<4>(j / 8, acts, i0..i1, out, jj);
                     }
                     j += 8;
                     continue;
@@ -362,12 +395,12 @@ impl QMatrix {
                         ],
                     );
                     for (d, v) in r.into_iter().enumerate() {
-                        out[(i + d) * width + jj] = v;
+                        out.row(i + d)[jj] = v;
                     }
                     i += 4;
                 }
                 while i < i1 {
-                    out[i * width + jj] = self.dots::<1>(simd, &w, [acts.row(i)])[0];
+                    out.row(i)[jj] = self.dots::<1>(simd, &w, [acts.row(i)])[0];
                     i += 1;
                 }
                 j += 1;
@@ -386,26 +419,26 @@ impl QMatrix {
     }
 
     /// Group `g` against activation rows `is`, `T` rows per tile and one at a time for the
-    /// rest, into the first 8 columns of `out`'s rows (rows `width` apart).
+    /// rest, into columns `at..at + 8` of `out`.
     fn group_tile<const T: usize>(
         &self,
         g: usize,
         acts: &Acts<'_>,
         is: std::ops::Range<usize>,
-        out: &mut [f32],
-        width: usize,
+        out: &mut Out<'_>,
+        at: usize,
     ) {
         let mut i = is.start;
         while i + T <= is.end {
             let r = self.group_dots::<T>(g, std::array::from_fn(|a| acts.row(i + a)));
             for (d, lanes) in r.iter().enumerate() {
-                out[(i + d) * width..(i + d) * width + 8].copy_from_slice(lanes);
+                out.row(i + d)[at..at + 8].copy_from_slice(lanes);
             }
             i += T;
         }
         while i < is.end {
             let [lanes] = self.group_dots::<1>(g, [acts.row(i)]);
-            out[i * width..i * width + 8].copy_from_slice(&lanes);
+            out.row(i)[at..at + 8].copy_from_slice(&lanes);
             i += 1;
         }
     }
