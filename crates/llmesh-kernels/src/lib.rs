@@ -333,39 +333,15 @@ impl QMatrix {
                     && i1 - i0 >= 4
                 {
                     let (g0, g1) = (self.group(j / 8), self.group(j / 8 + 1));
-                    let bf = self.ty == QType::BF16;
                     let mut i = i0;
                     while i < i1 {
-                        let n = if i + 4 <= i1 { 4 } else { 1 };
-                        let mut r = [[[0f32; 8]; 4]; 2];
-                        // SAFETY: groups exist only when x86::available() holds; both groups
-                        // and the activation rows have the matrix's width.
-                        unsafe {
-                            if n == 4 {
-                                let xs = std::array::from_fn(|a| acts.row(i + a));
-                                r = if bf {
-                                    x86::half16::<true, 4>(g0, g1, xs)
-                                } else {
-                                    x86::half16::<false, 4>(g0, g1, xs)
-                                };
-                            } else {
-                                let xs = [acts.row(i)];
-                                let one = if bf {
-                                    x86::half16::<true, 1>(g0, g1, xs)
-                                } else {
-                                    x86::half16::<false, 1>(g0, g1, xs)
-                                };
-                                r[0][0] = one[0][0];
-                                r[1][0] = one[1][0];
-                            }
-                        }
-                        for (h, part) in r.iter().enumerate() {
-                            for (d, lanes) in part.iter().enumerate().take(n) {
-                                let at = jj + 8 * h;
-                                out.row(i + d)[at..at + 8].copy_from_slice(lanes);
-                            }
-                        }
-                        i += n;
+                        // Six activation rows keep twelve accumulators busy; fewer at the end.
+                        i += match i1 - i {
+                            6.. => self.half_pair::<6>(g0, g1, acts, i, out, jj),
+                            4.. => self.half_pair::<4>(g0, g1, acts, i, out, jj),
+                            2.. => self.half_pair::<2>(g0, g1, acts, i, out, jj),
+                            _ => self.half_pair::<1>(g0, g1, acts, i, out, jj),
+                        };
                     }
                     j += 16;
                     continue;
@@ -406,6 +382,36 @@ impl QMatrix {
                 j += 1;
             }
         }
+    }
+
+    /// Two interleaved half-precision groups (16 weight rows) against activation rows
+    /// `i..i + M`, into columns `at..at + 16` of `out`; returns `M`.
+    #[cfg(target_arch = "x86_64")]
+    fn half_pair<const M: usize>(
+        &self,
+        g0: &[u8],
+        g1: &[u8],
+        acts: &Acts<'_>,
+        i: usize,
+        out: &mut Out<'_>,
+        at: usize,
+    ) -> usize {
+        let xs = std::array::from_fn(|a| acts.row(i + a));
+        // SAFETY: groups exist only when x86::available() holds; both groups and the
+        // activation rows have the matrix's width.
+        let r = unsafe {
+            if self.ty == QType::BF16 {
+                x86::half16::<true, M>(g0, g1, xs)
+            } else {
+                x86::half16::<false, M>(g0, g1, xs)
+            }
+        };
+        for (h, part) in r.iter().enumerate() {
+            for (d, lanes) in part.iter().enumerate() {
+                out.row(i + d)[at + 8 * h..at + 8 * h + 8].copy_from_slice(lanes);
+            }
+        }
+        M
     }
 
     #[cfg(target_arch = "x86_64")]
