@@ -261,25 +261,29 @@ fn timed_stream(addr: &str, body: &Value) -> Result<(f64, f64)> {
     Ok(((first - t0).as_secs_f64(), first.elapsed().as_secs_f64()))
 }
 
-fn cluster(args: &BenchArgs, model: &Path, n: usize, threads: usize) -> Result<()> {
-    if n < 2 {
-        bail!("--cluster needs at least 2 nodes");
-    }
-    let exe = std::env::current_exe()?;
-    let tmp = std::env::temp_dir().join(format!("llmesh-bench-{}", std::process::id()));
-    let files = ModelFiles::open(model)?;
-    let vocab = files.config().vocab_size;
-    let prompt: Vec<u32> = (0..args.prompt_tokens)
-        .map(|i| ((i * 7919 + 11) % vocab) as u32)
-        .collect();
-    let mut rows = Vec::new();
-    for nodes in [1, n] {
+/// A local cluster of `nodes` processes started for the benchmark.
+struct LocalCluster {
+    nodes: usize,
+    http: Vec<u16>,
+    entry: String,
+    model_id: String,
+    _children: Children,
+}
+
+impl LocalCluster {
+    fn start(
+        exe: &Path,
+        model: &Path,
+        nodes: usize,
+        threads: usize,
+        data: &Path,
+    ) -> Result<LocalCluster> {
         let ports: Vec<(u16, u16)> = (0..nodes)
             .map(|_| Ok((free_port()?, free_port()?)))
             .collect::<Result<_>>()?;
         let mut children = Children(Vec::new());
         for (i, (http, p2p)) in ports.iter().enumerate() {
-            let mut cmd = Command::new(&exe);
+            let mut cmd = Command::new(exe);
             cmd.args(["run", "--model"])
                 .arg(model)
                 .args([
@@ -293,7 +297,8 @@ fn cluster(args: &BenchArgs, model: &Path, n: usize, threads: usize) -> Result<(
                 .args([
                     "--no-discovery",
                     "--cluster-key",
-                    "llmesh-bench-cluster-key",
+                    // A key per cluster size: the clusters run side by side and must not merge.
+                    &format!("llmesh-bench-cluster-key-{nodes}"),
                     "--partitioner",
                     "memory-weighted",
                 ])
@@ -301,12 +306,12 @@ fn cluster(args: &BenchArgs, model: &Path, n: usize, threads: usize) -> Result<(
                     "--threads",
                     &threads.to_string(),
                     "--node-name",
-                    &format!("bench{i}"),
+                    &format!("bench{nodes}-{i}"),
                     "--parallel",
                     "1",
                 ])
                 .arg("--data-dir")
-                .arg(tmp.join(format!("n{nodes}-{i}")))
+                .arg(data.join(format!("n{nodes}-{i}")))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
             for (j, (_, p)) in ports.iter().enumerate() {
@@ -331,51 +336,86 @@ fn cluster(args: &BenchArgs, model: &Path, n: usize, threads: usize) -> Result<(
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        let id = get_json(&entry, "/v1/models")
+        let model_id = get_json(&entry, "/v1/models")
             .and_then(|m| m["data"][0]["id"].as_str().map(str::to_string))
             .context("no model")?;
-        let body = json!({"model": id, "prompt": prompt, "max_tokens": args.gen_tokens, "temperature": 0, "ignore_eos": true, "stream": true});
-        // Warm up (loads pages, fills caches), then measure.
-        timed_stream(
-            &entry,
-            &json!({"model": id, "prompt": &prompt[..prompt.len().min(16)], "max_tokens": 4, "temperature": 0, "stream": true}),
-        )?;
-        let sent_before: u64 = ports
+        Ok(LocalCluster {
+            nodes,
+            http: ports.iter().map(|(h, _)| *h).collect(),
+            entry,
+            model_id,
+            _children: children,
+        })
+    }
+
+    /// Bytes of activations and tokens all nodes have sent to each other so far.
+    fn bytes_sent(&self) -> u64 {
+        self.http
             .iter()
-            .filter_map(|(h, _)| get_json(&format!("127.0.0.1:{h}"), "/v1/topology"))
+            .filter_map(|h| get_json(&format!("127.0.0.1:{h}"), "/v1/topology"))
             .map(|t| t["sent"]["bytes"].as_u64().unwrap_or(0))
-            .sum();
-        let mut ttft = Vec::new();
-        let mut tpot = Vec::new();
-        for _ in 0..args.repeat {
-            let (first, rest) = timed_stream(&entry, &body)?;
-            ttft.push(first);
-            tpot.push(rest / (args.gen_tokens - 1) as f64);
+            .sum()
+    }
+
+    /// One streamed completion: (time to first token, time per later token).
+    fn measure(&self, prompt: &[u32], gen_tokens: usize) -> Result<(f64, f64)> {
+        let body = json!({"model": self.model_id, "prompt": prompt, "max_tokens": gen_tokens,
+            "temperature": 0, "ignore_eos": true, "stream": true});
+        let (first, rest) = timed_stream(&self.entry, &body)?;
+        Ok((first, rest / (gen_tokens - 1) as f64))
+    }
+}
+
+fn cluster(args: &BenchArgs, model: &Path, n: usize, threads: usize) -> Result<()> {
+    if n < 2 {
+        bail!("--cluster needs at least 2 nodes");
+    }
+    let exe = std::env::current_exe()?;
+    let tmp = std::env::temp_dir().join(format!("llmesh-bench-{}", std::process::id()));
+    let files = ModelFiles::open(model)?;
+    let vocab = files.config().vocab_size;
+    let prompt: Vec<u32> = (0..args.prompt_tokens)
+        .map(|i| ((i * 7919 + 11) % vocab) as u32)
+        .collect();
+    // Both clusters run side by side (the idle one only exchanges heartbeats) and take turns,
+    // so a machine whose speed drifts over minutes slows both alike.
+    let clusters = [
+        LocalCluster::start(&exe, model, 1, threads, &tmp)?,
+        LocalCluster::start(&exe, model, n, threads, &tmp)?,
+    ];
+    for c in &clusters {
+        // Warm up (loads pages, fills caches).
+        c.measure(&prompt[..prompt.len().min(16)], 4)?;
+    }
+    let sent_before: Vec<u64> = clusters.iter().map(LocalCluster::bytes_sent).collect();
+    let mut times: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
+    for r in 0..args.repeat {
+        let order = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            times[i].push(clusters[i].measure(&prompt, args.gen_tokens)?);
         }
-        let sent_after: u64 = ports
-            .iter()
-            .filter_map(|(h, _)| get_json(&format!("127.0.0.1:{h}"), "/v1/topology"))
-            .map(|t| t["sent"]["bytes"].as_u64().unwrap_or(0))
-            .sum();
-        let hop_boundaries = nodes - 1;
+    }
+    let mut rows = Vec::new();
+    for (i, c) in clusters.iter().enumerate() {
+        let hop_boundaries = c.nodes - 1;
         let tokens = (args.prompt_tokens + args.gen_tokens) * args.repeat;
         let bytes_per_hop_token = if hop_boundaries > 0 {
-            (sent_after - sent_before) as f64 / (hop_boundaries * tokens) as f64
+            (c.bytes_sent() - sent_before[i]) as f64 / (hop_boundaries * tokens) as f64
         } else {
             0.0
         };
-        let (ttft_m, _, _) = median_spread(ttft);
-        let (tpot_m, tpot_lo, tpot_hi) = median_spread(tpot);
+        let (ttft_m, _, _) = median_spread(times[i].iter().map(|t| t.0).collect());
+        let (tpot_m, tpot_lo, tpot_hi) = median_spread(times[i].iter().map(|t| t.1).collect());
         rows.push(json!({
-            "nodes": nodes,
+            "nodes": c.nodes,
             "time_to_first_token_s": ttft_m,
             "time_per_output_token_s": tpot_m,
             "time_per_output_token_range_s": [tpot_lo, tpot_hi],
             "decode_tokens_per_s": 1.0 / tpot_m,
             "bytes_per_hop_per_token": bytes_per_hop_token,
         }));
-        drop(children);
     }
+    drop(clusters);
     let _ = std::fs::remove_dir_all(&tmp);
     let ratio = rows[1]["decode_tokens_per_s"].as_f64().unwrap_or(0.0)
         / rows[0]["decode_tokens_per_s"].as_f64().unwrap_or(1.0);
