@@ -318,16 +318,11 @@ impl QMatrix {
         rows: std::ops::Range<usize>,
         out: &mut Out<'_>,
     ) {
-        // Activation rows per pass: they stay in the L2 cache while the thread's weight rows
-        // stream past them. A multiple of the tile height: 6 rows for half-precision weights,
-        // 4 for integer ones.
-        let mt = if matches!(self.ty, QType::F32 | QType::F16 | QType::BF16) {
-            36
-        } else {
-            32
-        };
-        for i0 in (0..m).step_by(mt) {
-            let i1 = (i0 + mt).min(m);
+        // Activation rows per pass: their 8-bit copies stay in the L2 cache while the thread's
+        // weight rows stream past them.
+        const MT: usize = 32;
+        for i0 in (0..m).step_by(MT) {
+            let i1 = (i0 + MT).min(m);
             let mut j = rows.start;
             while j < rows.end {
                 let jj = j - rows.start;
