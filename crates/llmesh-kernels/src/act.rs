@@ -143,27 +143,25 @@ fn quantize_blocks(
         .zip(q.par_chunks_mut(n))
         .zip(d.par_chunks_mut(per));
     match sums {
-        Sums::Of32(s) if !s.is_empty() => {
-            parts
-                .zip(s.par_chunks_mut(n / 32))
-                .for_each(|(((x, q), d), s)| {
-                    task(x, q, d);
-                    for (s, qb) in s.iter_mut().zip(q.chunks_exact(32)) {
-                        *s = qb.iter().map(|&v| i32::from(v)).sum();
-                    }
-                })
-        }
-        Sums::Of16(s) if !s.is_empty() => {
-            parts
-                .zip(s.par_chunks_mut(n / 16))
-                .for_each(|(((x, q), d), s)| {
-                    task(x, q, d);
-                    for (s, qb) in s.iter_mut().zip(q.chunks_exact(16)) {
-                        *s = qb.iter().map(|&v| i16::from(v)).sum();
-                    }
-                })
-        }
+        Sums::Of32(s) if !s.is_empty() => parts.zip(s.par_chunks_mut(n / 32)).for_each(|(p, s)| {
+            let ((x, q), d) = p;
+            task(x, q, d);
+            block_sums(q, s);
+        }),
+        Sums::Of16(s) if !s.is_empty() => parts.zip(s.par_chunks_mut(n / 16)).for_each(|(p, s)| {
+            let ((x, q), d) = p;
+            task(x, q, d);
+            block_sums(q, s);
+        }),
         _ => parts.for_each(|((x, q), d)| task(x, q, d)),
+    }
+}
+
+/// The sum of each run of `q.len() / s.len()` quantised values, into `s`.
+fn block_sums<T: From<i8> + std::iter::Sum>(q: &[i8], s: &mut [T]) {
+    let width = q.len() / s.len().max(1);
+    for (s, qb) in s.iter_mut().zip(q.chunks_exact(width.max(1))) {
+        *s = qb.iter().map(|&v| T::from(v)).sum();
     }
 }
 
