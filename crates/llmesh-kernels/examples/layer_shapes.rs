@@ -51,7 +51,10 @@ fn main() {
             for w in &ws {
                 w.matmul(&x, m, &mut y).unwrap();
             }
-            let reps = (2e9 / (m * n * k) as f64).ceil().max(3.0) as usize * copies;
+            // About 1e10 multiply-adds per prompt shape (a few tenths of a second), 2e9 per
+            // mat-vec shape times the copies.
+            let work = if m <= 4 { 2e9 } else { 1e10 };
+            let reps = (work / (m * n * k) as f64).ceil().max(3.0) as usize * copies;
             let t0 = Instant::now();
             for i in 0..reps {
                 ws[i % copies].matmul(&x, m, &mut y).unwrap();

@@ -39,6 +39,18 @@ pub(crate) struct Acts<'a> {
     pub bsums: Vec<i16>,
     /// Sums of each block's 32 quantised values (Q4_0 only).
     pub sums: Vec<i32>,
+    /// Half-precision prompts on SIMD: the rows in tiles of [`PACK_ROWS`] (the last tile
+    /// shorter), each tile stored column by column (`k` runs of its rows' values), so a kernel
+    /// reads the values it broadcasts from one stream. Empty otherwise.
+    pub packed: Vec<f32>,
+}
+
+/// Activation rows per packed tile (see [`Acts::packed`]).
+pub(crate) const PACK_ROWS: usize = 6;
+
+/// Whether a product of `m` rows of type `ty` reads packed activations.
+pub(crate) fn packs(ty: QType, m: usize, simd: bool) -> bool {
+    simd && m >= 4 && matches!(ty, QType::F16 | QType::BF16)
 }
 
 /// One activation row's parts.
@@ -61,8 +73,10 @@ impl<'a> Acts<'a> {
             d: Vec::new(),
             bsums: Vec::new(),
             sums: Vec::new(),
+            packed: Vec::new(),
         };
         match ActKind::of(ty) {
+            ActKind::F32 if packs(ty, x.len() / k.max(1), simd) => a.packed = pack(x, k),
             ActKind::F32 => {}
             ActKind::Q8 => {
                 a.q = vec![0; x.len()];
@@ -107,6 +121,20 @@ impl<'a> Acts<'a> {
             sums: &self.sums[per(self.sums.len(), 32)],
         }
     }
+}
+
+/// `x` (rows of `k`) in tiles of [`PACK_ROWS`] rows, each tile column by column.
+fn pack(x: &[f32], k: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for (tile, dst) in x.chunks(PACK_ROWS * k).zip(out.chunks_mut(PACK_ROWS * k)) {
+        let rows = tile.len() / k;
+        for (r, row) in tile.chunks_exact(k).enumerate() {
+            for (c, &v) in row.iter().enumerate() {
+                dst[rows * c + r] = v;
+            }
+        }
+    }
+    out
 }
 
 /// Sums of the quantised values to compute alongside them (an empty slice: none).

@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 pub use formats::{QType, dequantize_row};
 
-use act::{ActRow, Acts};
+use act::{ActRow, Acts, PACK_ROWS};
 
 /// What can be wrong with a matrix or a product's operands.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -134,6 +134,103 @@ impl Out<'_> {
                 self.base.add(i * self.n + self.cols.start),
                 self.cols.len(),
             )
+        }
+    }
+}
+
+/// `ys[i] = x Wᵢᵀ` for every matrix of `ws` (all `cols` wide) in one parallel loop over all
+/// their rows.
+fn products(
+    backend: Backend,
+    ws: &[&QMatrix],
+    x: &[f32],
+    m: usize,
+    ys: &mut [&mut [f32]],
+) -> Result<(), KernelError> {
+    if ws.len() != ys.len() {
+        return Err(KernelError::Operands {
+            rows: ws.first().map_or(0, |w| w.rows),
+            cols: ws.first().map_or(0, |w| w.cols),
+            what: format!("{} matrices but {} outputs", ws.len(), ys.len()),
+        });
+    }
+    for (w, y) in ws.iter().zip(ys.iter()) {
+        w.check_operands(x, m, y)?;
+    }
+    let Some(k) = ws.first().map(|w| w.cols) else {
+        return Ok(());
+    };
+    if m == 0 {
+        return Ok(());
+    }
+    let simd = backend == Backend::Auto && simd_available();
+    // One quantised copy of `x` per weight type (a layer's q, k and v usually share one).
+    let mut acts: Vec<(QType, Acts<'_>)> = Vec::new();
+    let act_of: Vec<usize> = ws
+        .iter()
+        .map(|w| match acts.iter().position(|(ty, _)| *ty == w.ty) {
+            Some(i) => i,
+            None => {
+                acts.push((w.ty, Acts::new(w.ty, x, k, simd)));
+                acts.len() - 1
+            }
+        })
+        .collect();
+    let chunk = task_rows(ws.iter().map(|w| w.rows).sum());
+    let tasks: Vec<(usize, std::ops::Range<usize>)> = ws
+        .iter()
+        .enumerate()
+        .flat_map(|(i, w)| {
+            (0..w.rows.div_ceil(chunk)).map(move |t| (i, t * chunk..((t + 1) * chunk).min(w.rows)))
+        })
+        .collect();
+    let ptrs: Vec<OutPtr> = ys.iter_mut().map(|y| OutPtr(y.as_mut_ptr())).collect();
+    tasks.into_par_iter().for_each(|(i, rows)| {
+        let w = ws[i];
+        // SAFETY: `ys[i]` holds m rows of w.rows values; this task writes only columns `rows`
+        // of each, no two tasks of matrix i share a column, and `ys` outlives the loop.
+        let mut out = unsafe { Out::new(ptrs[i], m, w.rows, rows.clone()) };
+        w.tile(simd, &acts[act_of[i]].1, m, rows, &mut out);
+    });
+    Ok(())
+}
+
+/// Rows per task of a product over `n` weight rows: enough tasks to balance uneven cores, each
+/// a whole number of 8-row groups.
+fn task_rows(n: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    n.div_ceil(threads * 4).div_ceil(8).max(1) * 8
+}
+
+/// Columns of a half-precision panel widened at a time (16 rows × 2048 f32: 128 KiB, in L2).
+#[cfg(target_arch = "x86_64")]
+const PANEL_COLS: usize = 2048;
+
+/// A widened 16-row panel (columns `k0..`) against the packed tile of activation rows starting
+/// at row `i` (`M` rows), added into columns `at..at + 16` of `out` (stored for the first
+/// columns).
+#[cfg(target_arch = "x86_64")]
+fn panel_pass<const M: usize>(
+    panel: &[f32],
+    acts: &Acts<'_>,
+    i: usize,
+    k0: usize,
+    out: &mut Out<'_>,
+    at: usize,
+) {
+    let (kl, k) = (panel.len() / 16, acts.k);
+    let xp = &acts.packed[i * k + M * k0..][..M * kl];
+    // SAFETY: packed activations exist only when x86::available() holds; the tile holds `kl`
+    // columns of `M` values from column k0.
+    let r = unsafe { x86::panel16::<M>(panel, xp) };
+    for (d, part) in r.iter().enumerate() {
+        let o = &mut out.row(i + d)[at..at + 16];
+        if k0 == 0 {
+            o.copy_from_slice(part);
+        } else {
+            for (o, v) in o.iter_mut().zip(part) {
+                *o += v;
+            }
         }
     }
 }
@@ -275,6 +372,23 @@ impl QMatrix {
         m: usize,
         y: &mut [f32],
     ) -> Result<(), KernelError> {
+        products(backend, &[self], x, m, &mut [y])
+    }
+
+    /// `ys[i] = x Wᵢᵀ` for matrices `ws` that share their input (a layer's query, key and value
+    /// projections; its gate and up projections): `x` is quantised once per weight type and
+    /// the rows of all the matrices are shared among the threads in one parallel loop, instead
+    /// of one loop (and one wake-up of the pool) per matrix.
+    pub fn matmul_many(
+        ws: &[&QMatrix],
+        x: &[f32],
+        m: usize,
+        ys: &mut [&mut [f32]],
+    ) -> Result<(), KernelError> {
+        products(Backend::Auto, ws, x, m, ys)
+    }
+
+    fn check_operands(&self, x: &[f32], m: usize, y: &[f32]) -> Result<(), KernelError> {
         let (n, k) = (self.rows, self.cols);
         if x.len() != m * k || y.len() != m * n {
             return Err(KernelError::Operands {
@@ -289,22 +403,6 @@ impl QMatrix {
                 ),
             });
         }
-        if m == 0 || n == 0 {
-            return Ok(());
-        }
-        let simd = backend == Backend::Auto && simd_available();
-        let acts = Acts::new(self.ty, x, k, simd);
-        let threads = rayon::current_num_threads().max(1);
-        // Enough tasks to balance uneven cores, each a whole number of 8-row groups.
-        let chunk = n.div_ceil(threads * 4).div_ceil(8).max(1) * 8;
-        let y_ptr = OutPtr(y.as_mut_ptr());
-        (0..n.div_ceil(chunk)).into_par_iter().for_each(|t| {
-            let rows = t * chunk..((t + 1) * chunk).min(n);
-            // SAFETY: `y` holds m rows of n; this task writes only columns `rows` of each, and
-            // no two tasks share a column. `y` outlives the parallel loop.
-            let mut out = unsafe { Out::new(y_ptr, m, n, rows.clone()) };
-            self.tile(simd, &acts, m, rows, &mut out);
-        });
         Ok(())
     }
 
@@ -318,34 +416,23 @@ impl QMatrix {
         rows: std::ops::Range<usize>,
         out: &mut Out<'_>,
     ) {
+        let mut first = rows.start;
+        #[cfg(target_arch = "x86_64")]
+        if !acts.packed.is_empty() {
+            let panels = self.grouped.min(rows.end).saturating_sub(rows.start) / 16;
+            if panels > 0 {
+                first += 16 * panels;
+                self.half_panels(acts, m, rows.start..first, out);
+            }
+        }
         // Activation rows per pass: their 8-bit copies stay in the L2 cache while the thread's
         // weight rows stream past them.
         const MT: usize = 32;
         for i0 in (0..m).step_by(MT) {
             let i1 = (i0 + MT).min(m);
-            let mut j = rows.start;
+            let mut j = first;
             while j < rows.end {
                 let jj = j - rows.start;
-                #[cfg(target_arch = "x86_64")]
-                if j + 16 <= self.grouped.min(rows.end)
-                    && simd
-                    && self.float_kind().is_some()
-                    && i1 - i0 >= 4
-                {
-                    let (g0, g1) = (self.group(j / 8), self.group(j / 8 + 1));
-                    let mut i = i0;
-                    while i < i1 {
-                        // Six activation rows keep twelve accumulators busy; fewer at the end.
-                        i += match i1 - i {
-                            6.. => self.half_pair::<6>(g0, g1, acts, i, out, jj),
-                            4.. => self.half_pair::<4>(g0, g1, acts, i, out, jj),
-                            2.. => self.half_pair::<2>(g0, g1, acts, i, out, jj),
-                            _ => self.half_pair::<1>(g0, g1, acts, i, out, jj),
-                        };
-                    }
-                    j += 16;
-                    continue;
-                }
                 if j < self.grouped && simd {
                     // Float groups take 8 activation rows per tile (enough independent
                     // multiply-adds to hide their latency), integer groups 4.
@@ -384,34 +471,47 @@ impl QMatrix {
         }
     }
 
-    /// Two interleaved half-precision groups (16 weight rows) against activation rows
-    /// `i..i + M`, into columns `at..at + 16` of `out`; returns `M`.
+    /// Half-precision weight rows `rows` (whole interleaved pairs of groups, starting where
+    /// `out`'s window starts) against all `m` packed activation rows: a panel of 16 rows is
+    /// widened to f32 for [`PANEL_COLS`] columns at a time (once per product, not once per
+    /// activation row) and then used for every tile of activation rows.
     #[cfg(target_arch = "x86_64")]
-    fn half_pair<const M: usize>(
+    fn half_panels(
         &self,
-        g0: &[u8],
-        g1: &[u8],
         acts: &Acts<'_>,
-        i: usize,
+        m: usize,
+        rows: std::ops::Range<usize>,
         out: &mut Out<'_>,
-        at: usize,
-    ) -> usize {
-        let xs = std::array::from_fn(|a| acts.row(i + a));
-        // SAFETY: groups exist only when x86::available() holds; both groups and the
-        // activation rows have the matrix's width.
-        let r = unsafe {
-            if self.ty == QType::BF16 {
-                x86::half16::<true, M>(g0, g1, xs)
-            } else {
-                x86::half16::<false, M>(g0, g1, xs)
-            }
-        };
-        for (h, part) in r.iter().enumerate() {
-            for (d, lanes) in part.iter().enumerate() {
-                out.row(i + d)[at + 8 * h..at + 8 * h + 8].copy_from_slice(lanes);
+    ) {
+        let k = self.cols;
+        let mut buf = vec![0f32; 16 * PANEL_COLS.min(k)];
+        for k0 in (0..k).step_by(PANEL_COLS) {
+            let kl = PANEL_COLS.min(k - k0);
+            let panel = &mut buf[..16 * kl];
+            for j in rows.clone().step_by(16) {
+                let (g0, g1) = (self.group(j / 8), self.group(j / 8 + 1));
+                // SAFETY: groups exist only when x86::available() holds; columns k0..k0 + kl
+                // lie within both groups.
+                unsafe {
+                    if self.ty == QType::BF16 {
+                        x86::widen_pair::<true>(g0, g1, k0, panel);
+                    } else {
+                        x86::widen_pair::<false>(g0, g1, k0, panel);
+                    }
+                }
+                let at = j - rows.start;
+                for i in (0..m).step_by(PACK_ROWS) {
+                    match m - i {
+                        6.. => panel_pass::<6>(panel, acts, i, k0, out, at),
+                        5 => panel_pass::<5>(panel, acts, i, k0, out, at),
+                        4 => panel_pass::<4>(panel, acts, i, k0, out, at),
+                        3 => panel_pass::<3>(panel, acts, i, k0, out, at),
+                        2 => panel_pass::<2>(panel, acts, i, k0, out, at),
+                        _ => panel_pass::<1>(panel, acts, i, k0, out, at),
+                    }
+                }
             }
         }
-        M
     }
 
     #[cfg(target_arch = "x86_64")]

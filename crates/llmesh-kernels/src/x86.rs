@@ -688,34 +688,56 @@ pub(crate) unsafe fn half8<const BF: bool, const M: usize>(
     lanes(acc)
 }
 
-/// Two interleaved f16 or bf16 groups (16 weight rows) against `M` activation rows: each
-/// broadcast activation value feeds two multiply-adds, halving the broadcasts of [`half8`].
+/// Widens columns `k0..k0 + buf.len() / 16` of two interleaved f16 or bf16 groups (16 weight
+/// rows) into `buf`: per column, the 8 values of `g0`'s rows, then the 8 of `g1`'s.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn half16<const BF: bool, const M: usize>(
-    g0: &[u8],
-    g1: &[u8],
-    xs: [ActRow<'_>; M],
-) -> [[[f32; 8]; M]; 2] {
-    let k = g0.len() / 16;
+pub(crate) unsafe fn widen_pair<const BF: bool>(g0: &[u8], g1: &[u8], k0: usize, buf: &mut [f32]) {
+    let kl = buf.len() / 16;
+    assert!(
+        16 * (k0 + kl) <= g0.len().min(g1.len()),
+        "columns out of range"
+    );
     let kind = if BF { Float::BF16 } else { Float::F16 };
-    // SAFETY: callers pass pointers with 16 readable bytes (one element of 8 rows).
-    let load = |p: *const u8| unsafe { load8(kind, p) };
-    let (p0, p1) = (g0.as_ptr(), g1.as_ptr());
+    let (p0, p1, b) = (g0.as_ptr(), g1.as_ptr(), buf.as_mut_ptr());
+    for kk in 0..kl {
+        // SAFETY: column k0 + kk lies within both groups (asserted) and run kk within `buf`.
+        unsafe {
+            _mm256_storeu_ps(b.add(16 * kk), load8(kind, p0.add(16 * (k0 + kk))));
+            _mm256_storeu_ps(b.add(16 * kk + 8), load8(kind, p1.add(16 * (k0 + kk))));
+        }
+    }
+}
+
+/// A widened panel of 16 weight rows (`w`: per column 16 f32, from [`widen_pair`]) against a
+/// tile of `M` activation rows packed column by column (`xp`: per column the `M` rows' values):
+/// per activation row, the 16 partial dot products. Each broadcast value feeds two
+/// multiply-adds; `M = 6` keeps twelve accumulators in flight.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn panel16<const M: usize>(w: &[f32], xp: &[f32]) -> [[f32; 16]; M] {
+    let kl = w.len() / 16;
+    assert!(xp.len() >= M * kl, "activation tile too short");
+    let (wp, x) = (w.as_ptr(), xp.as_ptr());
     let mut a0 = [_mm256_setzero_ps(); M];
     let mut a1 = [_mm256_setzero_ps(); M];
-    for i in 0..k {
-        // SAFETY: i < k elements of both groups and of every activation row.
+    for kk in 0..kl {
+        // SAFETY: kk < kl columns of the panel and of the tile (asserted).
         unsafe {
-            let w0 = load(p0.add(16 * i));
-            let w1 = load(p1.add(16 * i));
+            let w0 = _mm256_loadu_ps(wp.add(16 * kk));
+            let w1 = _mm256_loadu_ps(wp.add(16 * kk + 8));
             for r in 0..M {
-                let x = _mm256_set1_ps(*xs[r].f.get_unchecked(i));
-                a0[r] = _mm256_fmadd_ps(x, w0, a0[r]);
-                a1[r] = _mm256_fmadd_ps(x, w1, a1[r]);
+                let xv = _mm256_broadcast_ss(&*x.add(M * kk + r));
+                a0[r] = _mm256_fmadd_ps(xv, w0, a0[r]);
+                a1[r] = _mm256_fmadd_ps(xv, w1, a1[r]);
             }
         }
     }
-    [lanes(a0), lanes(a1)]
+    let (l0, l1) = (lanes(a0), lanes(a1));
+    std::array::from_fn(|r| {
+        let mut v = [0f32; 16];
+        v[..8].copy_from_slice(&l0[r]);
+        v[8..].copy_from_slice(&l1[r]);
+        v
+    })
 }
 
 /// Quantises `x` (a multiple of 32 values, all finite) to `q` with the scale `d` (`> 0`):

@@ -111,6 +111,72 @@ fn float_types_take_any_width() {
 }
 
 #[test]
+fn half_precision_prompts_over_several_column_panels() {
+    // Rows of 4,128 columns are widened in three panels (2,048, 2,048 and 32 columns), whose
+    // partial sums add up; on one thread, 40 rows are tasks of 16, 16 and 8 rows (two 16-row
+    // panels and one 8-row group); prompts of 4 to 11 rows end in activation tiles of every
+    // size from 1 to 6.
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    one.install(|| {
+        for ty in [QType::F16, QType::BF16] {
+            for m in 4..=11 {
+                check(ty, 40, 4128, m, 20 + m as u64);
+            }
+        }
+    });
+}
+
+#[test]
+fn products_sharing_an_input_equal_separate_products() {
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    // A Q4_K_M layer's q, k, v (v in Q6_K), an F16 gate/up pair, mixed 32-blocks.
+    let sets: [&[(QType, usize)]; 3] = [
+        &[(QType::Q4K, 72), (QType::Q4K, 24), (QType::Q6K, 24)],
+        &[(QType::F16, 96), (QType::F16, 96)],
+        &[(QType::Q4_0, 40), (QType::Q8_0, 9), (QType::F32, 3)],
+    ];
+    for set in sets {
+        let cols = 512;
+        let ws: Vec<QMatrix> = set
+            .iter()
+            .map(|&(ty, rows)| random_matrix(ty, rows, cols, &mut rng))
+            .collect();
+        for m in [1, 5, 13] {
+            let x: Vec<f32> = (0..m * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let mut fused: Vec<Vec<f32>> =
+                ws.iter().map(|w| vec![f32::NAN; m * w.rows()]).collect();
+            let refs: Vec<&QMatrix> = ws.iter().collect();
+            let mut outs: Vec<&mut [f32]> = fused.iter_mut().map(|v| v.as_mut_slice()).collect();
+            QMatrix::matmul_many(&refs, &x, m, &mut outs).unwrap();
+            for (w, got) in ws.iter().zip(&fused) {
+                let mut want = vec![0f32; m * w.rows()];
+                w.matmul(&x, m, &mut want).unwrap();
+                // Same kernels on the same quantised activations: equal, except that the split
+                // of rows into tasks decides which f16 rows take the 16-row panel path, whose
+                // float sums run in another order (terms here are at most 2 in size).
+                let tol = match w.qtype() {
+                    QType::F16 | QType::BF16 => 1e-6 * cols as f32,
+                    _ => 0.0,
+                };
+                for (g, e) in got.iter().zip(&want) {
+                    assert!((g - e).abs() <= tol, "{} m={m}: {g} vs {e}", w.qtype());
+                }
+            }
+        }
+    }
+    // Operands that do not fit are errors.
+    let a = random_matrix(QType::Q8_0, 8, 64, &mut rng);
+    let b = random_matrix(QType::Q8_0, 8, 96, &mut rng);
+    let x = vec![0f32; 64];
+    let (mut ya, mut yb) = (vec![0f32; 8], vec![0f32; 8]);
+    assert!(QMatrix::matmul_many(&[&a, &b], &x, 1, &mut [&mut ya, &mut yb]).is_err());
+    assert!(QMatrix::matmul_many(&[&a], &x, 1, &mut [&mut ya, &mut yb]).is_err());
+}
+
+#[test]
 fn a_large_matrix_on_many_threads_matches() {
     check(QType::Q4K, 300, 1024, 2, 7);
     check(QType::Q8_0, 257, 512, 1, 8);
