@@ -441,10 +441,19 @@ async fn handle_events(inner: Weak<Inner>, mut events: tokio::sync::mpsc::Receiv
                 inner.net.respond_ctl(id, resp).await;
             }
             NetEvent::Step(_peer, req, reply) => {
+                let forwards = crate::pipeline::forwards(&req);
                 let i = inner.clone();
-                inner.rt.spawn_blocking(move || {
+                let job = move || {
                     let _ = reply.send(crate::pipeline::handle_step(&i, *req));
-                });
+                };
+                if forwards {
+                    // It waits on the next node: keep that wait off the compute threads.
+                    inner.rt.spawn_blocking(job);
+                } else {
+                    // Only computing (and answering): run it on a compute thread directly,
+                    // one thread hand-off instead of three per step.
+                    llmesh_engine::threads::spawn_compute(job);
+                }
             }
             NetEvent::ConnectFailed(..) => {}
         }

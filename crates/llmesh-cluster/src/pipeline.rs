@@ -170,6 +170,16 @@ pub(crate) fn handle_step(inner: &Arc<Inner>, req: StepRequest) -> StepResponse 
     forward(inner, &next.node, next_req)
 }
 
+/// Whether running `req` at its hop goes on to send a step to another node and wait for the
+/// answer (else the hop only computes: it is the last, or it hands activations back to the
+/// entry node in its reply).
+pub(crate) fn forwards(req: &StepRequest) -> bool {
+    req.plan
+        .hops
+        .get(req.hop as usize + 1)
+        .is_some_and(|next| next.node != req.entry)
+}
+
 fn put_back(inner: &Inner, key: (String, u64), state: HopState) {
     if let Ok(mut s) = inner.states.lock() {
         s.insert(key, state);

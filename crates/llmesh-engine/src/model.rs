@@ -148,6 +148,50 @@ impl Linear {
     }
 }
 
+/// `x Wᵀ` for each of `linears` (which take the same input): one fused product when all use
+/// llmesh's kernels (see `QMatrix::matmul_many`), else one product each.
+fn forward_many<const N: usize>(linears: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
+    let packed: Vec<&QMatrix> = linears
+        .iter()
+        .filter_map(|l| match &l.weight {
+            LinearWeight::Packed(w) => Some(&**w),
+            LinearWeight::Candle(_) => None,
+        })
+        .collect();
+    if packed.len() < N {
+        let mut out = Vec::with_capacity(N);
+        for l in linears {
+            out.push(l.forward(x)?);
+        }
+        return out
+            .try_into()
+            .map_err(|_| Error::Invalid("projection count".into()));
+    }
+    let dims = x.dims().to_vec();
+    let k = dims.last().copied().unwrap_or(0);
+    let m = x.elem_count() / k.max(1);
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let mut ys: Vec<Vec<f32>> = packed.iter().map(|w| vec![0f32; m * w.rows()]).collect();
+    with_f32_slice(&x, |xs| {
+        let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+        QMatrix::matmul_many(&packed, xs, m, &mut outs).map_err(|e| Error::Invalid(e.to_string()))
+    })?;
+    let mut out = Vec::with_capacity(N);
+    for ((y, w), l) in ys.into_iter().zip(&packed).zip(linears) {
+        let mut out_dims = dims.clone();
+        if let Some(last) = out_dims.last_mut() {
+            *last = w.rows();
+        }
+        let y = Tensor::from_vec(y, out_dims, &Device::Cpu)?;
+        out.push(match &l.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        });
+    }
+    out.try_into()
+        .map_err(|_| Error::Invalid("projection count".into()))
+}
+
 /// `x Wᵀ` for `x` of shape `[..., cols]` (f32) with llmesh's kernels.
 fn packed_matmul(w: &QMatrix, x: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
@@ -302,16 +346,11 @@ impl Attention {
         self.q.bytes + self.k.bytes + self.v.bytes + self.o.bytes + norms
     }
 
-    /// Projects `x` to `[1, heads, t, head_dim]`, normalising each head if the model does.
-    fn heads(
-        &self,
-        x: &Tensor,
-        proj: &Linear,
-        norm: Option<&RmsNorm>,
-        heads: usize,
-    ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let y = proj.forward(x)?.reshape((b, t, heads, self.head_dim))?;
+    /// A projection `[1, t, heads × head_dim]` as `[1, heads, t, head_dim]`, each head
+    /// normalised if the model does.
+    fn heads(&self, y: Tensor, norm: Option<&RmsNorm>, heads: usize) -> Result<Tensor> {
+        let (b, t, _) = y.dims3()?;
+        let y = y.reshape((b, t, heads, self.head_dim))?;
         let y = match norm {
             Some(n) => n.forward(&y)?,
             None => y,
@@ -328,9 +367,10 @@ impl Attention {
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let q = self.heads(x, &self.q, self.q_norm.as_ref(), self.num_heads)?;
-        let k = self.heads(x, &self.k, self.k_norm.as_ref(), self.num_kv_heads)?;
-        let v = self.heads(x, &self.v, None, self.num_kv_heads)?;
+        let [q, k, v] = forward_many([&self.q, &self.k, &self.v], x)?;
+        let q = self.heads(q, self.q_norm.as_ref(), self.num_heads)?;
+        let k = self.heads(k, self.k_norm.as_ref(), self.num_kv_heads)?;
+        let v = self.heads(v, None, self.num_kv_heads)?;
         let q = candle_nn::rotary_emb::rope(&q, &rotary.cos, &rotary.sin)?;
         let k = candle_nn::rotary_emb::rope(&k, &rotary.cos, &rotary.sin)?;
         let (k, v) = cache.append(layer, &k, &v)?;
@@ -377,8 +417,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        self.down.forward(&(gate * self.up.forward(x)?)?)
+        let [gate, up] = forward_many([&self.gate, &self.up], x)?;
+        self.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)
     }
 }
 

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    llmesh_engine::system::keep_freed_memory();
     let cli = cli::Cli::parse();
     logging::init();
     match commands::run(cli) {
