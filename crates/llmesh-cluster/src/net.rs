@@ -191,14 +191,12 @@ impl NetClient {
         )))
     }
 
-    /// Sends a step and waits for the answer, from a thread outside the async runtime.
+    /// Sends a step and waits for the answer, from a thread outside the async runtime (a
+    /// request's runner or a blocking task). The exchange runs on the calling thread, with the
+    /// runtime driving the connection: no task to hand it to and no channel back, which saves
+    /// two thread wake-ups per step.
     pub fn step_blocking(&self, peer: PeerId, req: StepRequest) -> Result<StepResponse, NetError> {
-        let (tx, rx) = oneshot::channel();
-        let client = self.clone();
-        self.rt.spawn(async move {
-            let _ = tx.send(client.step(peer, req).await);
-        });
-        rx.blocking_recv().map_err(|_| NetError::Stopped)?
+        self.rt.block_on(self.step(peer, req))
     }
 
     /// Answers a control message.
