@@ -158,56 +158,51 @@ fn forward_many<const N: usize>(linears: [&Linear; N], x: &Tensor) -> Result<[Te
             LinearWeight::Candle(_) => None,
         })
         .collect();
+    let mut out = Vec::with_capacity(N);
     if packed.len() < N {
-        let mut out = Vec::with_capacity(N);
         for l in linears {
             out.push(l.forward(x)?);
         }
-        return out
-            .try_into()
-            .map_err(|_| Error::Invalid("projection count".into()));
-    }
-    let dims = x.dims().to_vec();
-    let k = dims.last().copied().unwrap_or(0);
-    let m = x.elem_count() / k.max(1);
-    let x = x.to_dtype(DType::F32)?.contiguous()?;
-    let mut ys: Vec<Vec<f32>> = packed.iter().map(|w| vec![0f32; m * w.rows()]).collect();
-    with_f32_slice(&x, |xs| {
-        let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
-        QMatrix::matmul_many(&packed, xs, m, &mut outs).map_err(|e| Error::Invalid(e.to_string()))
-    })?;
-    let mut out = Vec::with_capacity(N);
-    for ((y, w), l) in ys.into_iter().zip(&packed).zip(linears) {
-        let mut out_dims = dims.clone();
-        if let Some(last) = out_dims.last_mut() {
-            *last = w.rows();
+    } else {
+        for (y, l) in packed_matmuls(&packed, x)?.into_iter().zip(linears) {
+            out.push(match &l.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            });
         }
-        let y = Tensor::from_vec(y, out_dims, &Device::Cpu)?;
-        out.push(match &l.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        });
     }
     out.try_into()
-        .map_err(|_| Error::Invalid("projection count".into()))
+        .map_err(|_| Error::Invalid("a projection is missing".into()))
 }
 
 /// `x Wᵀ` for `x` of shape `[..., cols]` (f32) with llmesh's kernels.
 fn packed_matmul(w: &QMatrix, x: &Tensor) -> Result<Tensor> {
+    packed_matmuls(&[w], x)?
+        .pop()
+        .ok_or_else(|| Error::Invalid("a projection is missing".into()))
+}
+
+/// `x Wᵢᵀ` for each of `ws`, in one parallel product.
+fn packed_matmuls(ws: &[&QMatrix], x: &Tensor) -> Result<Vec<Tensor>> {
     let dims = x.dims().to_vec();
     let k = dims.last().copied().unwrap_or(0);
     let m = x.elem_count() / k.max(1);
     let x = x.to_dtype(DType::F32)?.contiguous()?;
-    let mut y = vec![0f32; m * w.rows()];
+    let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.rows()]).collect();
     with_f32_slice(&x, |xs| {
-        w.matmul(xs, m, &mut y)
-            .map_err(|e| Error::Invalid(e.to_string()))
+        let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(Vec::as_mut_slice).collect();
+        QMatrix::matmul_many(ws, xs, m, &mut outs).map_err(|e| Error::Invalid(e.to_string()))
     })?;
-    let mut out_dims = dims;
-    if let Some(last) = out_dims.last_mut() {
-        *last = w.rows();
-    }
-    Ok(Tensor::from_vec(y, out_dims, &Device::Cpu)?)
+    ys.into_iter()
+        .zip(ws)
+        .map(|(y, w)| {
+            let mut out_dims = dims.clone();
+            if let Some(last) = out_dims.last_mut() {
+                *last = w.rows();
+            }
+            Ok(Tensor::from_vec(y, out_dims, &Device::Cpu)?)
+        })
+        .collect()
 }
 
 /// Calls `f` with the values of a contiguous f32 CPU tensor, without copying them.

@@ -123,17 +123,21 @@ impl<'a> Acts<'a> {
     }
 }
 
-/// `x` (rows of `k`) in tiles of [`PACK_ROWS`] rows, each tile column by column.
+/// `x` (rows of `k`) in tiles of [`PACK_ROWS`] rows, each tile column by column; tiles are
+/// shared between the compute threads.
 fn pack(x: &[f32], k: usize) -> Vec<f32> {
+    use rayon::prelude::*;
     let mut out = vec![0f32; x.len()];
-    for (tile, dst) in x.chunks(PACK_ROWS * k).zip(out.chunks_mut(PACK_ROWS * k)) {
-        let rows = tile.len() / k;
-        for (r, row) in tile.chunks_exact(k).enumerate() {
-            for (c, &v) in row.iter().enumerate() {
-                dst[rows * c + r] = v;
+    out.par_chunks_mut(PACK_ROWS * k)
+        .zip(x.par_chunks(PACK_ROWS * k))
+        .for_each(|(dst, tile)| {
+            let rows = tile.len() / k;
+            for (r, row) in tile.chunks_exact(k).enumerate() {
+                for (c, &v) in row.iter().enumerate() {
+                    dst[rows * c + r] = v;
+                }
             }
-        }
-    }
+        });
     out
 }
 
