@@ -19,8 +19,8 @@ pub fn set_compute_threads(n: Option<usize>) -> Result<usize> {
     unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     // candle runs large elementwise ops on its own threads, which spin for 25,000 pause
     // instructions after each op before sleeping: with as many compute threads as cores, that
-    // spinning competes with the next matrix product (its thread took ~1.6% of an F16
-    // prefill's samples). A short spin still catches back-to-back ops (unless the user set a
+    // spinning competes with the next matrix product (its thread and work took ~2% of an F16
+    // prefill's profile samples). A short spin still catches back-to-back ops (unless the user set a
     // limit).
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         // SAFETY: as above.

@@ -416,15 +416,11 @@ impl QMatrix {
         rows: std::ops::Range<usize>,
         out: &mut Out<'_>,
     ) {
-        let mut first = rows.start;
+        // Half-precision prompts: whole 16-row panels first, the rest below.
         #[cfg(target_arch = "x86_64")]
-        if !acts.packed.is_empty() {
-            let panels = self.grouped.min(rows.end).saturating_sub(rows.start) / 16;
-            if panels > 0 {
-                first += 16 * panels;
-                self.half_panels(acts, m, rows.start..first, out);
-            }
-        }
+        let first = self.half_panels(acts, m, &rows, out);
+        #[cfg(not(target_arch = "x86_64"))]
+        let first = rows.start;
         // Activation rows per pass: their 8-bit copies stay in the L2 cache while the thread's
         // weight rows stream past them.
         const MT: usize = 32;
@@ -471,8 +467,9 @@ impl QMatrix {
         }
     }
 
-    /// Half-precision weight rows `rows` (whole interleaved pairs of groups, starting where
-    /// `out`'s window starts) against all `m` packed activation rows: a panel of 16 rows is
+    /// The whole interleaved 16-row panels at the start of `rows` (where `out`'s window
+    /// starts) against all `m` packed activation rows, if the activations are packed (a
+    /// half-precision prompt); returns the first row left for the other paths. A panel is
     /// widened to f32 for [`PANEL_COLS`] columns at a time (once per product, not once per
     /// activation row) and then used for every tile of activation rows.
     #[cfg(target_arch = "x86_64")]
@@ -480,15 +477,20 @@ impl QMatrix {
         &self,
         acts: &Acts<'_>,
         m: usize,
-        rows: std::ops::Range<usize>,
+        rows: &std::ops::Range<usize>,
         out: &mut Out<'_>,
-    ) {
+    ) -> usize {
+        let panels = self.grouped.min(rows.end).saturating_sub(rows.start) / 16;
+        if acts.packed.is_empty() || panels == 0 {
+            return rows.start;
+        }
+        let end = rows.start + 16 * panels;
         let k = self.cols;
         let mut buf = vec![0f32; 16 * PANEL_COLS.min(k)];
         for k0 in (0..k).step_by(PANEL_COLS) {
             let kl = PANEL_COLS.min(k - k0);
             let panel = &mut buf[..16 * kl];
-            for j in rows.clone().step_by(16) {
+            for j in (rows.start..end).step_by(16) {
                 let (g0, g1) = (self.group(j / 8), self.group(j / 8 + 1));
                 // SAFETY: groups exist only when x86::available() holds; columns k0..k0 + kl
                 // lie within both groups.
@@ -512,6 +514,7 @@ impl QMatrix {
                 }
             }
         }
+        end
     }
 
     #[cfg(target_arch = "x86_64")]
