@@ -114,6 +114,13 @@ impl KvCache {
         Ok((ck.narrow(2, 0, needed)?, cv.narrow(2, 0, needed)?))
     }
 
+    /// Layer `layer`'s whole key and value buffers (`[1, kv_heads, capacity, head_dim]` f32,
+    /// contiguous; positions past those appended hold nothing meaningful), once anything has
+    /// been appended to it.
+    pub(crate) fn buffers(&self, layer: usize) -> Option<&(Tensor, Tensor)> {
+        self.layers.get(layer).and_then(|l| l.kv.as_ref())
+    }
+
     /// Marks `t` positions as processed by every layer.
     pub(crate) fn advance(&mut self, t: usize) {
         self.len += t;

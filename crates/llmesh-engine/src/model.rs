@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
 use candle_core::{D, DType, Device, Module, Storage, Tensor};
-use llmesh_kernels::QMatrix;
+use llmesh_kernels::{AttnShape, QMatrix, attend_one};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -288,6 +288,7 @@ struct Attention {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    sliding_window: Option<usize>,
 }
 
 struct Rotary {
@@ -333,6 +334,7 @@ impl Attention {
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: d,
+            sliding_window: cfg.sliding_window,
         })
     }
 
@@ -370,11 +372,15 @@ impl Attention {
         let k = candle_nn::rotary_emb::rope(&k, &rotary.cos, &rotary.sin)?;
         let (k, v) = cache.append(layer, &k, &v)?;
         let s = k.dim(2)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        if b == 1 && t == 1 {
+            let out = self.attend_one(&q, cache, layer, s, scale as f32)?;
+            return self.o.forward(&out);
+        }
         // Grouped-query attention without copying keys: the query heads that share a key/value
         // head are stacked along the position axis.
         let group = self.num_heads / self.num_kv_heads;
         let q = q.reshape((b, self.num_kv_heads, group * t, self.head_dim))?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?;
         let scores = match mask {
             Some(m) => scores
@@ -390,6 +396,46 @@ impl Attention {
             .transpose(1, 2)?
             .reshape((b, t, self.num_heads * self.head_dim))?;
         self.o.forward(&out)
+    }
+}
+
+impl Attention {
+    /// A decode step's attention (`q`: `[1, heads, 1, head_dim]`) over the `total` cached
+    /// positions of layer `layer` (the last `sliding_window` of them where the model has one),
+    /// read from the cache buffers in place; `[1, 1, heads × head_dim]`.
+    fn attend_one(
+        &self,
+        q: &Tensor,
+        cache: &KvCache,
+        layer: usize,
+        total: usize,
+        scale: f32,
+    ) -> Result<Tensor> {
+        let (keys, values) = cache
+            .buffers(layer)
+            .ok_or_else(|| Error::Invalid("attention before the cache was written".into()))?;
+        let shape = AttnShape {
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            capacity: keys.dim(2)?,
+        };
+        let first = self.sliding_window.map_or(0, |w| total.saturating_sub(w));
+        let q = q.to_dtype(DType::F32)?.contiguous()?;
+        let mut out = vec![0f32; self.num_heads * self.head_dim];
+        with_f32_slice(&q, |q| {
+            with_f32_slice(keys, |k| {
+                with_f32_slice(values, |v| {
+                    attend_one(shape, q, k, v, first..total, scale, &mut out)
+                        .map_err(|e| Error::Invalid(e.to_string()))
+                })
+            })
+        })?;
+        Ok(Tensor::from_vec(
+            out,
+            (1, 1, self.num_heads * self.head_dim),
+            &Device::Cpu,
+        )?)
     }
 }
 

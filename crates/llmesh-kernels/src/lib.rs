@@ -12,6 +12,7 @@
 //!   of weight rows is reused for a tile of activation rows while it is in cache.
 
 mod act;
+mod attention;
 mod formats;
 mod portable;
 mod repack;
@@ -22,6 +23,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+pub use attention::{AttnShape, attend_one};
 pub use formats::{QType, dequantize_row};
 
 use act::{ActRow, Acts, PACK_ROWS};

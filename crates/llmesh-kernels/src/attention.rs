@@ -1,0 +1,321 @@
+//! Attention of one new position over a key/value cache, read from the cache's buffers where
+//! they lie: no transposed copy of the keys, no contiguous copy of the values, and the query
+//! heads that share a key/value head read its cached positions once. This is every decode
+//! step's attention, so it runs once per layer per generated token.
+
+use rayon::prelude::*;
+
+use crate::KernelError;
+
+/// Shape of one layer's attention and of its cache buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnShape {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (a divisor of `heads`: grouped-query attention).
+    pub kv_heads: usize,
+    /// Values per head.
+    pub head_dim: usize,
+    /// Positions each key/value head's buffer holds: head `g`'s position `p` starts at value
+    /// `(g × capacity + p) × head_dim` of the keys and of the values.
+    pub capacity: usize,
+}
+
+impl AttnShape {
+    fn check(
+        &self,
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        positions: &std::ops::Range<usize>,
+        out: &[f32],
+    ) -> Result<(), KernelError> {
+        let AttnShape {
+            heads,
+            kv_heads,
+            head_dim: d,
+            capacity,
+        } = *self;
+        let fail = |what: String| {
+            Err(KernelError::Operands {
+                rows: heads,
+                cols: d,
+                what,
+            })
+        };
+        if kv_heads == 0 || heads % kv_heads != 0 || d == 0 {
+            return fail(format!(
+                "{heads} query heads cannot share {kv_heads} key/value heads of {d} values"
+            ));
+        }
+        if positions.is_empty() || positions.end > capacity {
+            return fail(format!(
+                "positions {positions:?} are not a non-empty part of a cache of {capacity}"
+            ));
+        }
+        let cache = kv_heads * capacity * d;
+        if q.len() != heads * d || out.len() != heads * d {
+            return fail(format!(
+                "{} query and {} output values (want {})",
+                q.len(),
+                out.len(),
+                heads * d
+            ));
+        }
+        if keys.len() < cache || values.len() < cache {
+            return fail(format!(
+                "{} keys and {} values for a cache of {cache}",
+                keys.len(),
+                values.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `out[h] = softmax(scale · q[h] · Kᵀ) · V` over the cached `positions` of key/value head
+/// `h / (heads / kv_heads)`, for every query head `h` of one new position. `q` and `out` hold
+/// `heads × head_dim` values; `keys` and `values` are laid out as [`AttnShape::capacity`] says.
+/// The key/value heads are shared among the threads of rayon's pool.
+pub fn attend_one(
+    shape: AttnShape,
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    positions: std::ops::Range<usize>,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    shape.check(q, keys, values, &positions, out)?;
+    let d = shape.head_dim;
+    let group = shape.heads / shape.kv_heads;
+    let head_cache = shape.capacity * d;
+    let n = positions.len();
+    let span = positions.start * d..positions.end * d;
+    let work = |(g, o): (usize, &mut [f32])| {
+        let ks = &keys[g * head_cache..][span.clone()];
+        let vs = &values[g * head_cache..][span.clone()];
+        let qs = &q[g * group * d..][..group * d];
+        // Scores of the group's query heads, head by head.
+        let mut scores = vec![0f32; group * n];
+        for (j, k) in ks.chunks_exact(d).enumerate() {
+            for (h, qh) in qs.chunks_exact(d).enumerate() {
+                scores[h * n + j] = dot(qh, k) * scale;
+            }
+        }
+        let mut norms = vec![0f32; group];
+        for (s, norm) in scores.chunks_exact_mut(n).zip(&mut norms) {
+            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for x in s.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            *norm = 1.0 / sum;
+        }
+        o.fill(0.0);
+        for (j, v) in vs.chunks_exact(d).enumerate() {
+            for (h, oh) in o.chunks_exact_mut(d).enumerate() {
+                axpy(oh, scores[h * n + j], v);
+            }
+        }
+        for (oh, norm) in o.chunks_exact_mut(d).zip(norms) {
+            oh.iter_mut().for_each(|x| *x *= norm);
+        }
+    };
+    // Below this many multiply-adds a parallel loop costs more than it saves.
+    const PARALLEL_WORK: usize = 1 << 15;
+    if 2 * shape.heads * n * d < PARALLEL_WORK {
+        out.chunks_exact_mut(group * d).enumerate().for_each(work);
+    } else {
+        out.par_chunks_exact_mut(group * d)
+            .enumerate()
+            .for_each(work);
+    }
+    Ok(())
+}
+
+/// Lanes of the partial sums in [`dot`]: independent chains the compiler keeps in registers.
+const LANES: usize = 8;
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline]
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// Attention in f64, the plain way: scores, softmax, weighted sum, head by head.
+    fn reference(
+        shape: AttnShape,
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        positions: std::ops::Range<usize>,
+        scale: f32,
+    ) -> Vec<f32> {
+        let d = shape.head_dim;
+        let group = shape.heads / shape.kv_heads;
+        let mut out = vec![0f32; shape.heads * d];
+        for h in 0..shape.heads {
+            let g = h / group;
+            let at = |buf: &[f32], p: usize, i: usize| buf[(g * shape.capacity + p) * d + i] as f64;
+            let scores: Vec<f64> = positions
+                .clone()
+                .map(|p| {
+                    (0..d)
+                        .map(|i| q[h * d + i] as f64 * at(keys, p, i))
+                        .sum::<f64>()
+                })
+                .map(|s| s * scale as f64)
+                .collect();
+            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for i in 0..d {
+                let v: f64 = positions
+                    .clone()
+                    .zip(&e)
+                    .map(|(p, w)| w * at(values, p, i))
+                    .sum();
+                out[h * d + i] = (v / sum) as f32;
+            }
+        }
+        out
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n as u32)
+            .map(|i| {
+                let x = i
+                    .wrapping_mul(2654435761)
+                    .wrapping_add(seed.wrapping_mul(40503));
+                ((x >> 8) % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_the_reference_for_grouped_heads_windows_and_odd_sizes() {
+        // (heads, kv_heads, head_dim, capacity, positions): multi-head, grouped, one kv head,
+        // odd head sizes, windows not starting at 0, enough work for the parallel path.
+        let cases = [
+            (4, 4, 8, 16, 0..1),
+            (8, 2, 16, 40, 0..37),
+            (6, 3, 5, 9, 2..9),
+            (3, 1, 13, 20, 7..8),
+            (32, 8, 64, 300, 0..257),
+            (32, 8, 64, 300, 100..300),
+        ];
+        for (i, (heads, kv_heads, d, capacity, positions)) in cases.into_iter().enumerate() {
+            let shape = AttnShape {
+                heads,
+                kv_heads,
+                head_dim: d,
+                capacity,
+            };
+            let q = values(heads * d, 3 * i as u32);
+            // Keys large enough that the softmax is far from uniform.
+            let keys: Vec<f32> = values(kv_heads * capacity * d, 3 * i as u32 + 1)
+                .iter()
+                .map(|k| k * 4.0)
+                .collect();
+            let vals = values(kv_heads * capacity * d, 3 * i as u32 + 2);
+            let scale = 1.0 / (d as f32).sqrt();
+            let mut out = vec![f32::NAN; heads * d];
+            attend_one(shape, &q, &keys, &vals, positions.clone(), scale, &mut out).unwrap();
+            let want = reference(shape, &q, &keys, &vals, positions.clone(), scale);
+            for (j, (a, b)) in out.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 + 1e-4 * b.abs(),
+                    "case {i} value {j}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn positions_outside_the_range_are_not_read() {
+        let shape = AttnShape {
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 4,
+            capacity: 10,
+        };
+        let q = values(8, 1);
+        let mut keys = values(40, 2);
+        let mut vals = values(40, 3);
+        let mut a = vec![0f32; 8];
+        attend_one(shape, &q, &keys, &vals, 3..7, 0.5, &mut a).unwrap();
+        for p in (0..3).chain(7..10) {
+            for i in 0..4 {
+                keys[p * 4 + i] = f32::NAN;
+                vals[p * 4 + i] = f32::INFINITY;
+            }
+        }
+        let mut b = vec![0f32; 8];
+        attend_one(shape, &q, &keys, &vals, 3..7, 0.5, &mut b).unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn bad_operands_are_errors() {
+        let shape = AttnShape {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 4,
+            capacity: 8,
+        };
+        let (q, kv, mut out) = (vec![0f32; 16], vec![0f32; 64], vec![0f32; 16]);
+        let run =
+            |s: AttnShape, q: &[f32], kv: &[f32], p: std::ops::Range<usize>, o: &mut [f32]| {
+                attend_one(s, q, kv, kv, p, 1.0, o)
+            };
+        assert!(run(shape, &q, &kv, 0..8, &mut out).is_ok());
+        assert!(
+            run(shape, &q, &kv, 0..9, &mut out).is_err(),
+            "past the capacity"
+        );
+        assert!(run(shape, &q, &kv, 3..3, &mut out).is_err(), "no positions");
+        assert!(
+            run(shape, &q[..12], &kv, 0..4, &mut out).is_err(),
+            "short query"
+        );
+        assert!(
+            run(shape, &q, &kv[..60], 0..4, &mut out).is_err(),
+            "short cache"
+        );
+        let odd = AttnShape {
+            kv_heads: 3,
+            ..shape
+        };
+        assert!(
+            run(odd, &q, &kv, 0..4, &mut out).is_err(),
+            "heads not a multiple"
+        );
+    }
+}
