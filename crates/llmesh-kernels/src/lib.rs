@@ -23,7 +23,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-pub use attention::{AttnShape, attend_one};
+pub use attention::{AttnShape, attend_one, attend_one_with};
 pub use formats::{QType, dequantize_row};
 
 use act::{ActRow, Acts, PACK_ROWS};

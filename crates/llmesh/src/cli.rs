@@ -216,6 +216,16 @@ pub enum DevCommand {
     Tokenize(TokenizeArgs),
     /// Load a range of a model's layers and report the memory it took, as JSON.
     Load(LoadArgs),
+    /// Measure this machine's memory read bandwidth (bytes per second, best of four passes
+    /// over 1 GiB); `llmesh bench` runs it next to each decode run.
+    Bandwidth(BandwidthArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BandwidthArgs {
+    /// Threads reading (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 #[derive(Debug, Args)]

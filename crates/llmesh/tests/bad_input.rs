@@ -300,3 +300,52 @@ fn clap_rejects_unknown_flags_with_usage() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unexpected argument '--bogus'"));
 }
+
+/// `llmesh bench --json` reports its figures, each decode run's bandwidth fraction measured
+/// next to it (so the median lies within the range); bad settings are a one-line error.
+#[test]
+fn bench_reports_its_figures_and_rejects_bad_settings() {
+    let gguf = model().join("model-q8_0.gguf");
+    let bench = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_llmesh"))
+            .args(["bench", "--threads", "1", "--model"])
+            .arg(&gguf)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = bench(&[
+        "--prompt-tokens",
+        "5",
+        "--gen-tokens",
+        "4",
+        "--repeat",
+        "2",
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+        "peak_rss_bytes",
+        "memory_bandwidth_bytes_per_s",
+        "bandwidth_fraction",
+    ] {
+        let x = v[key].as_f64().unwrap_or(0.0);
+        assert!(x > 0.0 && x.is_finite(), "{key} = {}", v[key]);
+    }
+    let f = v["bandwidth_fraction"].as_f64().unwrap();
+    let range = &v["bandwidth_fraction_range"];
+    let (lo, hi) = (range[0].as_f64().unwrap(), range[1].as_f64().unwrap());
+    assert!(lo <= f && f <= hi, "{f} outside [{lo}, {hi}]");
+
+    let out = bench(&["--repeat", "0"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        !stderr.contains("panicked") && stderr.contains("--repeat"),
+        "{stderr}"
+    );
+}

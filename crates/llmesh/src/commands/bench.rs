@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use llmesh_engine::{GenerateRequest, LocalRunner, ModelFiles, SamplingParams, StepRunner};
 use serde_json::{Value, json};
 
-use crate::cli::BenchArgs;
+use crate::cli::{BandwidthArgs, BenchArgs};
 
 fn bench_model(data: &Path) -> Result<PathBuf> {
     let dir = data.join("bench-model");
@@ -65,7 +65,30 @@ fn median_spread(mut v: Vec<f64>) -> (f64, f64, f64) {
 }
 
 /// Memory read bandwidth in bytes per second: the best of a few parallel sums over 1 GiB.
-pub fn measure_bandwidth() -> f64 {
+/// `llmesh dev bandwidth`: prints the measured bandwidth in bytes per second.
+pub fn bandwidth(args: BandwidthArgs) -> Result<()> {
+    llmesh_engine::threads::set_compute_threads(args.threads)?;
+    println!("{}", measure_bandwidth());
+    Ok(())
+}
+
+/// The memory bandwidth measured by `llmesh dev bandwidth` with `threads` threads, in a child
+/// process: its 1 GiB buffer does not count in this process's peak memory, and it can run
+/// next to each decode run (this machine's speed may drift between runs).
+fn bandwidth_now(threads: usize) -> Result<f64> {
+    let out = Command::new(std::env::current_exe()?)
+        .args(["dev", "bandwidth", "--threads", &threads.to_string()])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running `llmesh dev bandwidth`")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    match text.trim().parse::<f64>() {
+        Ok(b) if out.status.success() && b > 0.0 => Ok(b),
+        _ => bail!("`llmesh dev bandwidth` failed ({}): {text}", out.status),
+    }
+}
+
+fn measure_bandwidth() -> f64 {
     use rayon::prelude::*;
     let n = (1usize << 30) / 8;
     let buf: Vec<u64> = (0..n as u64).collect();
@@ -116,8 +139,17 @@ fn single(args: &BenchArgs, model: &Path, threads: usize) -> Result<()> {
         .collect();
     let mut req = GenerateRequest::new(prompt.clone(), args.gen_tokens);
     req.sampling = SamplingParams::greedy();
+    // Every weight is read once per decoded token, except the embedding (one row).
+    let embed = if cfg.tie_word_embeddings {
+        0.0
+    } else {
+        shard.embedding_bytes() as f64
+    };
+    let read_per_token = shard.weight_bytes() as f64 - embed;
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
+    let mut bandwidths = Vec::new();
+    let mut fractions = Vec::new();
     for _ in 0..args.repeat {
         let mut runner = LocalRunner::new(&shard, &req)?;
         let t0 = Instant::now();
@@ -132,21 +164,18 @@ fn single(args: &BenchArgs, model: &Path, threads: usize) -> Result<()> {
             let id = next.take().map(|s| s.id).unwrap_or(0);
             next = runner.step(&[id], true)?.sampled;
         }
-        decode.push((args.gen_tokens - 1) as f64 / t1.elapsed().as_secs_f64());
+        let rate = (args.gen_tokens - 1) as f64 / t1.elapsed().as_secs_f64();
+        decode.push(rate);
+        // The bandwidth right after this run, for this run's fraction of it.
+        let bw = bandwidth_now(threads)?;
+        bandwidths.push(bw);
+        fractions.push(read_per_token * rate / bw);
     }
     let (pf, pf_lo, pf_hi) = median_spread(prefill);
     let (dc, dc_lo, dc_hi) = median_spread(decode);
-    // Peak memory before the bandwidth measurement allocates its buffer.
     let (peak, _) = llmesh_engine::system::process_memory_bytes();
-    let bandwidth = measure_bandwidth();
-    // Every weight is read once per decoded token, except the embedding (one row).
-    let embed = if cfg.tie_word_embeddings {
-        0.0
-    } else {
-        shard.embedding_bytes() as f64
-    };
-    let read_per_token = shard.weight_bytes() as f64 - embed;
-    let fraction = read_per_token * dc / bandwidth;
+    let (bandwidth, bw_lo, bw_hi) = median_spread(bandwidths);
+    let (fraction, fr_lo, fr_hi) = median_spread(fractions);
     let out = json!({
         "model": model.display().to_string(),
         "threads": threads,
@@ -160,7 +189,9 @@ fn single(args: &BenchArgs, model: &Path, threads: usize) -> Result<()> {
         "weight_bytes": shard.weight_bytes(),
         "peak_rss_bytes": peak,
         "memory_bandwidth_bytes_per_s": bandwidth,
+        "memory_bandwidth_bytes_per_s_range": [bw_lo, bw_hi],
         "bandwidth_fraction": fraction,
+        "bandwidth_fraction_range": [fr_lo, fr_hi],
     });
     if args.json {
         println!("{out}");
@@ -184,10 +215,18 @@ fn single(args: &BenchArgs, model: &Path, threads: usize) -> Result<()> {
             peak.unwrap_or(0) as f64 / 1048576.0
         );
         println!(
-            "bandwidth  {:8.1} GB/s measured; decode reads {:.1} GB/s = {:.0}% of it",
+            "bandwidth  {:8.1} GB/s measured (min {:.1}, max {:.1}; after each decode run)",
             bandwidth / 1e9,
+            bw_lo / 1e9,
+            bw_hi / 1e9
+        );
+        println!(
+            "decode     reads {:.1} GB/s of weights = {:.0}% of the bandwidth measured after \
+             it (min {:.0}%, max {:.0}%)",
             read_per_token * dc / 1e9,
-            fraction * 100.0
+            fraction * 100.0,
+            fr_lo * 100.0,
+            fr_hi * 100.0
         );
     }
     Ok(())

@@ -21,6 +21,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Dev(DevCommand::MakeModel(args)) => make_model::run(*args),
         Command::Dev(DevCommand::Tokenize(args)) => tokenize(args),
         Command::Dev(DevCommand::Load(args)) => load(args),
+        Command::Dev(DevCommand::Bandwidth(args)) => bench::bandwidth(args),
     }
 }
 
