@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
 use candle_core::{D, DType, Device, Module, Storage, Tensor};
-use llmesh_kernels::{AttnShape, QMatrix, attend_one};
+use llmesh_kernels::{AttnShape, QMatrix, attend_one, silu_mul};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -184,6 +184,15 @@ fn packed_matmul(w: &QMatrix, x: &Tensor) -> Result<Tensor> {
 
 /// `x Wᵢᵀ` for each of `ws`, in one parallel product.
 fn packed_matmuls(ws: &[&QMatrix], x: &Tensor) -> Result<Vec<Tensor>> {
+    let (ys, dims) = packed_outputs(ws, x)?;
+    ys.into_iter()
+        .zip(ws)
+        .map(|(y, w)| Ok(Tensor::from_vec(y, out_dims(&dims, w), &Device::Cpu)?))
+        .collect()
+}
+
+/// The values of `x Wᵢᵀ` for each of `ws` (one parallel product), and the dimensions of `x`.
+fn packed_outputs(ws: &[&QMatrix], x: &Tensor) -> Result<(Vec<Vec<f32>>, Vec<usize>)> {
     let dims = x.dims().to_vec();
     let k = dims.last().copied().unwrap_or(0);
     let m = x.elem_count() / k.max(1);
@@ -193,16 +202,16 @@ fn packed_matmuls(ws: &[&QMatrix], x: &Tensor) -> Result<Vec<Tensor>> {
         let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(Vec::as_mut_slice).collect();
         QMatrix::matmul_many(ws, xs, m, &mut outs).map_err(|e| Error::Invalid(e.to_string()))
     })?;
-    ys.into_iter()
-        .zip(ws)
-        .map(|(y, w)| {
-            let mut out_dims = dims.clone();
-            if let Some(last) = out_dims.last_mut() {
-                *last = w.rows();
-            }
-            Ok(Tensor::from_vec(y, out_dims, &Device::Cpu)?)
-        })
-        .collect()
+    Ok((ys, dims))
+}
+
+/// The dimensions of `x Wᵀ` for `x` of dimensions `dims`.
+fn out_dims(dims: &[usize], w: &QMatrix) -> Vec<usize> {
+    let mut out = dims.to_vec();
+    if let Some(last) = out.last_mut() {
+        *last = w.rows();
+    }
+    out
 }
 
 /// Calls `f` with the values of a contiguous f32 CPU tensor, without copying them.
@@ -458,6 +467,20 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let (LinearWeight::Packed(g), LinearWeight::Packed(u), None, None) = (
+            &self.gate.weight,
+            &self.up.weight,
+            &self.gate.bias,
+            &self.up.bias,
+        ) {
+            // One product for gate and up, then silu(gate) × up in place on their values.
+            let (mut ys, dims) = packed_outputs(&[g, u], x)?;
+            let up = ys.pop().unwrap_or_default();
+            let mut gate = ys.pop().unwrap_or_default();
+            silu_mul(&mut gate, &up).map_err(|e| Error::Invalid(e.to_string()))?;
+            let h = Tensor::from_vec(gate, out_dims(&dims, g), &Device::Cpu)?;
+            return self.down.forward(&h);
+        }
         let [gate, up] = forward_many([&self.gate, &self.up], x)?;
         self.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)
     }

@@ -13,6 +13,7 @@
 
 mod act;
 mod attention;
+mod elementwise;
 mod formats;
 mod portable;
 mod repack;
@@ -24,6 +25,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 pub use attention::{AttnShape, attend_one, attend_one_with};
+pub use elementwise::silu_mul;
 pub use formats::{QType, dequantize_row};
 
 use act::{ActRow, Acts, PACK_ROWS};
