@@ -180,7 +180,7 @@ fn products(
             }
         })
         .collect();
-    let chunk = task_rows(ws.iter().map(|w| w.rows).sum());
+    let chunk = task_rows(ws.iter().map(|w| w.rows).sum(), m);
     let tasks: Vec<(usize, std::ops::Range<usize>)> = ws
         .iter()
         .enumerate()
@@ -199,11 +199,15 @@ fn products(
     Ok(())
 }
 
-/// Rows per task of a product over `n` weight rows: enough tasks to balance uneven cores, each
-/// a whole number of 8-row groups.
-fn task_rows(n: usize) -> usize {
+/// Rows per task of a product over `n` weight rows and `m` activation rows: enough tasks to
+/// balance uneven cores, each a whole number of 16-row panels (8-row groups for a mat-vec). A
+/// prompt's product is bound by arithmetic, so the thread that finishes first idles for up to a
+/// task's time: it gets four times as many tasks as a mat-vec, which streams its rows and gains
+/// nothing from shorter tasks.
+fn task_rows(n: usize, m: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
-    n.div_ceil(threads * 4).div_ceil(8).max(1) * 8
+    let (tasks, unit) = if m > 1 { (16, 16) } else { (4, 8) };
+    n.div_ceil(threads * tasks).div_ceil(unit).max(1) * unit
 }
 
 /// Columns of a half-precision panel widened at a time (16 rows × 2048 f32: 128 KiB, in L2).
