@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
 use candle_core::{D, DType, Device, Module, Storage, Tensor};
-use llmesh_kernels::{AttnShape, QMatrix, attend_one, silu_mul};
+use llmesh_kernels::{AttnShape, Backend, QMatrix, attend_causal, attend_one, silu_mul};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -382,8 +382,8 @@ impl Attention {
         let (k, v) = cache.append(layer, &k, &v)?;
         let s = k.dim(2)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        if b == 1 && t == 1 {
-            let out = self.attend_one(&q, cache, layer, s, scale as f32)?;
+        if b == 1 {
+            let out = self.attend_cached(&q, cache, layer, t, s, scale as f32)?;
             return self.o.forward(&out);
         }
         // Grouped-query attention without copying keys: the query heads that share a key/value
@@ -409,14 +409,16 @@ impl Attention {
 }
 
 impl Attention {
-    /// A decode step's attention (`q`: `[1, heads, 1, head_dim]`) over the `total` cached
-    /// positions of layer `layer` (the last `sliding_window` of them where the model has one),
-    /// read from the cache buffers in place; `[1, 1, heads × head_dim]`.
-    fn attend_one(
+    /// The attention of the last `t` of the `total` cached positions of layer `layer`
+    /// (`q`: `[1, heads, t, head_dim]`), each over the positions up to itself (the last
+    /// `sliding_window` of them where the model has one), read from the cache buffers in place;
+    /// `[1, t, heads × head_dim]`.
+    fn attend_cached(
         &self,
         q: &Tensor,
         cache: &KvCache,
         layer: usize,
+        t: usize,
         total: usize,
         scale: f32,
     ) -> Result<Tensor> {
@@ -429,22 +431,24 @@ impl Attention {
             head_dim: self.head_dim,
             capacity: keys.dim(2)?,
         };
-        let first = self.sliding_window.map_or(0, |w| total.saturating_sub(w));
+        let width = self.num_heads * self.head_dim;
         let q = q.to_dtype(DType::F32)?.contiguous()?;
-        let mut out = vec![0f32; self.num_heads * self.head_dim];
+        let mut out = vec![0f32; t * width];
         with_f32_slice(&q, |q| {
             with_f32_slice(keys, |k| {
                 with_f32_slice(values, |v| {
-                    attend_one(shape, q, k, v, first..total, scale, &mut out)
-                        .map_err(|e| Error::Invalid(e.to_string()))
+                    if t == 1 {
+                        let first = self.sliding_window.map_or(0, |w| total.saturating_sub(w));
+                        attend_one(shape, q, k, v, first..total, scale, &mut out)
+                    } else {
+                        let w = self.sliding_window;
+                        attend_causal(Backend::Auto, shape, q, t, total, w, k, v, scale, &mut out)
+                    }
+                    .map_err(|e| Error::Invalid(e.to_string()))
                 })
             })
         })?;
-        Ok(Tensor::from_vec(
-            out,
-            (1, 1, self.num_heads * self.head_dim),
-            &Device::Cpu,
-        )?)
+        Ok(Tensor::from_vec(out, (1, t, width), &Device::Cpu)?)
     }
 }
 

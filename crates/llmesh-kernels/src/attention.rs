@@ -133,6 +133,80 @@ pub fn attend_one_with(
     Ok(())
 }
 
+/// Causal attention of the last `t` of `total` cached positions: `q` holds their queries as
+/// `[heads, t, head_dim]`, `out` receives `[t, heads × head_dim]`. New position `i` (cached
+/// position `total - t + i`) attends over the cached positions up to and including itself, and
+/// only the last `window` of those where the model has a sliding window. The (position,
+/// key/value head) pairs are shared among the threads of rayon's pool.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_causal(
+    backend: Backend,
+    shape: AttnShape,
+    q: &[f32],
+    t: usize,
+    total: usize,
+    window: Option<usize>,
+    keys: &[f32],
+    values: &[f32],
+    scale: f32,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    let (heads, d) = (shape.heads, shape.head_dim);
+    let fail = |what: String| {
+        Err(KernelError::Operands {
+            rows: heads,
+            cols: d,
+            what,
+        })
+    };
+    if t == 0 || total < t || window == Some(0) {
+        return fail(format!(
+            "{t} new positions of {total} cached with a window of {window:?}"
+        ));
+    }
+    if q.len() != heads * t * d || out.len() != heads * t * d {
+        return fail(format!(
+            "{} query and {} output values for {t} positions (want {})",
+            q.len(),
+            out.len(),
+            heads * t * d
+        ));
+    }
+    // The checks of one position's attention, for the widest range of positions read.
+    shape.check(
+        &q[..heads * d],
+        keys,
+        values,
+        &(0..total),
+        &out[..heads * d],
+    )?;
+    let group = heads / shape.kv_heads;
+    let head_cache = shape.capacity * d;
+    let fused = backend == Backend::Auto && crate::simd_available() && fma_available();
+    out.par_chunks_exact_mut(group * d)
+        .enumerate()
+        .for_each(|(c, o)| {
+            let (i, g) = (c / shape.kv_heads, c % shape.kv_heads);
+            let end = total - t + i + 1;
+            let first = window.map_or(0, |w| end.saturating_sub(w));
+            let ks = &keys[g * head_cache..][first * d..end * d];
+            let vs = &values[g * head_cache..][first * d..end * d];
+            let mut qs = vec![0f32; group * d];
+            for (h, qh) in qs.chunks_exact_mut(d).enumerate() {
+                qh.copy_from_slice(&q[((g * group + h) * t + i) * d..][..d]);
+            }
+            #[cfg(target_arch = "x86_64")]
+            if fused {
+                // SAFETY: fma_available() confirmed the CPU features.
+                unsafe { attend_group_fma(&qs, ks, vs, d, scale, o) };
+                return;
+            }
+            let _ = fused;
+            attend_group::<false>(&qs, ks, vs, d, scale, o);
+        });
+    Ok(())
+}
+
 fn fma_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -324,6 +398,71 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn causal_attention_equals_one_position_at_a_time() {
+        // (heads, kv_heads, head_dim, capacity, t, total, window)
+        let cases = [
+            (4, 2, 8, 20, 5, 5, None),
+            (8, 2, 16, 40, 7, 30, None),
+            (6, 3, 5, 12, 12, 12, Some(4)),
+            (32, 8, 64, 160, 128, 128, None),
+            (4, 1, 8, 50, 9, 33, Some(10)),
+        ];
+        for (n, (heads, kv_heads, d, capacity, t, total, window)) in cases.into_iter().enumerate() {
+            let shape = AttnShape {
+                heads,
+                kv_heads,
+                head_dim: d,
+                capacity,
+            };
+            let q = values(heads * t * d, 7 * n as u32);
+            let keys: Vec<f32> = values(kv_heads * capacity * d, 7 * n as u32 + 1)
+                .iter()
+                .map(|k| k * 4.0)
+                .collect();
+            let vals = values(kv_heads * capacity * d, 7 * n as u32 + 2);
+            let scale = 1.0 / (d as f32).sqrt();
+            for backend in [Backend::Auto, Backend::Portable] {
+                let mut out = vec![f32::NAN; heads * t * d];
+                attend_causal(
+                    backend, shape, &q, t, total, window, &keys, &vals, scale, &mut out,
+                )
+                .unwrap();
+                for i in 0..t {
+                    let end = total - t + i + 1;
+                    let first = window.map_or(0, |w| end.saturating_sub(w));
+                    // Position i's queries as [heads, head_dim].
+                    let qi: Vec<f32> = (0..heads)
+                        .flat_map(|h| q[(h * t + i) * d..][..d].to_vec())
+                        .collect();
+                    let want = reference(shape, &qi, &keys, &vals, first..end, scale);
+                    let got = &out[i * heads * d..][..heads * d];
+                    for (j, (a, b)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 1e-5 + 1e-4 * b.abs(),
+                            "{backend:?} case {n} position {i} value {j}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+        let shape = AttnShape {
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 4,
+            capacity: 8,
+        };
+        let (q, kv, mut out) = (vec![0f32; 24], vec![0f32; 32], vec![0f32; 24]);
+        let run = |t, total, w, o: &mut [f32]| {
+            attend_causal(Backend::Auto, shape, &q, t, total, w, &kv, &kv, 1.0, o)
+        };
+        assert!(run(3, 5, None, &mut out).is_ok());
+        assert!(run(3, 2, None, &mut out).is_err(), "fewer cached than new");
+        assert!(run(3, 9, None, &mut out).is_err(), "past the capacity");
+        assert!(run(3, 5, Some(0), &mut out).is_err(), "empty window");
+        assert!(run(2, 5, None, &mut out).is_err(), "wrong query length");
     }
 
     #[test]
