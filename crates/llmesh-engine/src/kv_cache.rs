@@ -74,13 +74,8 @@ impl KvCache {
     }
 
     /// Writes the keys and values of `t` new positions of layer `layer` (each
-    /// `[1, kv_heads, t, head_dim]`) and returns views of all cached positions including them.
-    pub(crate) fn append(
-        &mut self,
-        layer: usize,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
+    /// `[1, kv_heads, t, head_dim]`) after the cached ones (see [`KvCache::buffers`]).
+    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
         let (_, kv_heads, t, head_dim) = k.dims4()?;
         let needed = self.len + t;
         let entry = &mut self.layers[layer];
@@ -111,7 +106,7 @@ impl KvCache {
             .ok_or_else(|| Error::Invalid("cache not allocated".into()))?;
         ck.slice_set(&k.contiguous()?, 2, self.len)?;
         cv.slice_set(&v.contiguous()?, 2, self.len)?;
-        Ok((ck.narrow(2, 0, needed)?, cv.narrow(2, 0, needed)?))
+        Ok(())
     }
 
     /// Layer `layer`'s whole key and value buffers (`[1, kv_heads, capacity, head_dim]` f32,

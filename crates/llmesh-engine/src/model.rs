@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
 use candle_core::{D, DType, Device, Module, Storage, Tensor};
-use llmesh_kernels::{AttnShape, Backend, QMatrix, attend_causal, attend_one, silu_mul};
+use llmesh_kernels::{AttnShape, Backend, QMatrix, attend_causal, silu_mul};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -370,40 +370,22 @@ impl Attention {
         layer: usize,
         cache: &mut KvCache,
         rotary: &Rotary,
-        mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
+        if b != 1 {
+            return Err(Error::Invalid(format!(
+                "attention runs one sequence at a time, not {b}"
+            )));
+        }
         let [q, k, v] = forward_many([&self.q, &self.k, &self.v], x)?;
         let q = self.heads(q, self.q_norm.as_ref(), self.num_heads)?;
         let k = self.heads(k, self.k_norm.as_ref(), self.num_kv_heads)?;
         let v = self.heads(v, None, self.num_kv_heads)?;
         let q = candle_nn::rotary_emb::rope(&q, &rotary.cos, &rotary.sin)?;
         let k = candle_nn::rotary_emb::rope(&k, &rotary.cos, &rotary.sin)?;
-        let (k, v) = cache.append(layer, &k, &v)?;
-        let s = k.dim(2)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        if b == 1 {
-            let out = self.attend_cached(&q, cache, layer, t, s, scale as f32)?;
-            return self.o.forward(&out);
-        }
-        // Grouped-query attention without copying keys: the query heads that share a key/value
-        // head are stacked along the position axis.
-        let group = self.num_heads / self.num_kv_heads;
-        let q = q.reshape((b, self.num_kv_heads, group * t, self.head_dim))?;
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = match mask {
-            Some(m) => scores
-                .reshape((b, self.num_kv_heads, group, t, s))?
-                .broadcast_add(m)?
-                .reshape((b, self.num_kv_heads, group * t, s))?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v.contiguous()?)?;
-        let out = out
-            .reshape((b, self.num_heads, t, self.head_dim))?
-            .transpose(1, 2)?
-            .reshape((b, t, self.num_heads * self.head_dim))?;
+        cache.append(layer, &k, &v)?;
+        let scale = (1.0 / (self.head_dim as f64).sqrt()) as f32;
+        let out = self.attend_cached(&q, cache, layer, t, cache.len() + t, scale)?;
         self.o.forward(&out)
     }
 }
@@ -437,14 +419,9 @@ impl Attention {
         with_f32_slice(&q, |q| {
             with_f32_slice(keys, |k| {
                 with_f32_slice(values, |v| {
-                    if t == 1 {
-                        let first = self.sliding_window.map_or(0, |w| total.saturating_sub(w));
-                        attend_one(shape, q, k, v, first..total, scale, &mut out)
-                    } else {
-                        let w = self.sliding_window;
-                        attend_causal(Backend::Auto, shape, q, t, total, w, k, v, scale, &mut out)
-                    }
-                    .map_err(|e| Error::Invalid(e.to_string()))
+                    let w = self.sliding_window;
+                    attend_causal(Backend::Auto, shape, q, t, total, w, k, v, scale, &mut out)
+                        .map_err(|e| Error::Invalid(e.to_string()))
                 })
             })
         })?;
@@ -529,11 +506,10 @@ impl Block {
         layer: usize,
         cache: &mut KvCache,
         rotary: &Rotary,
-        mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let h = self
             .attn
-            .forward(&self.attn_norm.forward(x)?, layer, cache, rotary, mask)?;
+            .forward(&self.attn_norm.forward(x)?, layer, cache, rotary)?;
         let x = (x + h)?;
         let h = self.mlp.forward(&self.mlp_norm.forward(&x)?)?;
         Ok((x + h)?)
@@ -733,10 +709,9 @@ impl Shard {
         cache.check_room(t)?;
         let start = cache.len();
         let rotary = self.rotary(start, t)?;
-        let mask = self.mask(start, t)?;
         let mut x = x;
         for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x, i, cache, &rotary, mask.as_ref())?;
+            x = block.forward(&x, i, cache, &rotary)?;
         }
         cache.advance(t);
         match &self.head {
@@ -762,27 +737,6 @@ impl Shard {
             cos: freqs.cos()?.contiguous()?,
             sin: freqs.sin()?.contiguous()?,
         })
-    }
-
-    /// The additive attention mask `[t, start + t]`, or `None` when every cached position is
-    /// visible (a single new position without a sliding window).
-    fn mask(&self, start: usize, t: usize) -> Result<Option<Tensor>> {
-        let total = start + t;
-        let window = self.config.sliding_window;
-        if t == 1 && window.is_none_or(|w| total <= w) {
-            return Ok(None);
-        }
-        let mut m = vec![0f32; t * total];
-        for i in 0..t {
-            let pos = start + i;
-            for (j, v) in m[i * total..(i + 1) * total].iter_mut().enumerate() {
-                let visible = j <= pos && window.is_none_or(|w| pos - j < w);
-                if !visible {
-                    *v = f32::NEG_INFINITY;
-                }
-            }
-        }
-        Ok(Some(Tensor::from_vec(m, (t, total), &Device::Cpu)?))
     }
 }
 

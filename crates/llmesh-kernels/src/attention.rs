@@ -1,7 +1,7 @@
-//! Attention of one new position over a key/value cache, read from the cache's buffers where
-//! they lie: no transposed copy of the keys, no contiguous copy of the values, and the query
-//! heads that share a key/value head read its cached positions once. This is every decode
-//! step's attention, so it runs once per layer per generated token.
+//! Attention of new positions over a key/value cache, read from the cache's buffers where they
+//! lie: no transposed copy of the keys, no contiguous copy of the values, no masked scores, and
+//! the query heads that share a key/value head read its cached positions once. A decode step
+//! (one new position) runs it once per layer per generated token.
 
 use rayon::prelude::*;
 
@@ -73,66 +73,6 @@ impl AttnShape {
     }
 }
 
-/// `out[h] = softmax(scale · q[h] · Kᵀ) · V` over the cached `positions` of key/value head
-/// `h / (heads / kv_heads)`, for every query head `h` of one new position. `q` and `out` hold
-/// `heads × head_dim` values; `keys` and `values` are laid out as [`AttnShape::capacity`] says.
-/// The key/value heads are shared among the threads of rayon's pool.
-pub fn attend_one(
-    shape: AttnShape,
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    positions: std::ops::Range<usize>,
-    scale: f32,
-    out: &mut [f32],
-) -> Result<(), KernelError> {
-    attend_one_with(Backend::Auto, shape, q, keys, values, positions, scale, out)
-}
-
-/// [`attend_one`] on a chosen backend.
-#[allow(clippy::too_many_arguments)]
-pub fn attend_one_with(
-    backend: Backend,
-    shape: AttnShape,
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    positions: std::ops::Range<usize>,
-    scale: f32,
-    out: &mut [f32],
-) -> Result<(), KernelError> {
-    shape.check(q, keys, values, &positions, out)?;
-    let d = shape.head_dim;
-    let group = shape.heads / shape.kv_heads;
-    let head_cache = shape.capacity * d;
-    let n = positions.len();
-    let span = positions.start * d..positions.end * d;
-    let fused = backend == Backend::Auto && crate::simd_available() && fma_available();
-    let work = |(g, o): (usize, &mut [f32])| {
-        let ks = &keys[g * head_cache..][span.clone()];
-        let vs = &values[g * head_cache..][span.clone()];
-        let qs = &q[g * group * d..][..group * d];
-        #[cfg(target_arch = "x86_64")]
-        if fused {
-            // SAFETY: fma_available() confirmed the CPU features.
-            unsafe { attend_group_fma(qs, ks, vs, d, scale, o) };
-            return;
-        }
-        let _ = fused;
-        attend_group::<false>(qs, ks, vs, d, scale, o);
-    };
-    // Below this many multiply-adds a parallel loop costs more than it saves.
-    const PARALLEL_WORK: usize = 1 << 15;
-    if 2 * shape.heads * n * d < PARALLEL_WORK {
-        out.chunks_exact_mut(group * d).enumerate().for_each(work);
-    } else {
-        out.par_chunks_exact_mut(group * d)
-            .enumerate()
-            .for_each(work);
-    }
-    Ok(())
-}
-
 /// Causal attention of the last `t` of `total` cached positions: `q` holds their queries as
 /// `[heads, t, head_dim]`, `out` receives `[t, heads × head_dim]`. New position `i` (cached
 /// position `total - t + i`) attends over the cached positions up to and including itself, and
@@ -183,27 +123,35 @@ pub fn attend_causal(
     let group = heads / shape.kv_heads;
     let head_cache = shape.capacity * d;
     let fused = backend == Backend::Auto && crate::simd_available() && fma_available();
-    out.par_chunks_exact_mut(group * d)
-        .enumerate()
-        .for_each(|(c, o)| {
-            let (i, g) = (c / shape.kv_heads, c % shape.kv_heads);
-            let end = total - t + i + 1;
-            let first = window.map_or(0, |w| end.saturating_sub(w));
-            let ks = &keys[g * head_cache..][first * d..end * d];
-            let vs = &values[g * head_cache..][first * d..end * d];
-            let mut qs = vec![0f32; group * d];
-            for (h, qh) in qs.chunks_exact_mut(d).enumerate() {
-                qh.copy_from_slice(&q[((g * group + h) * t + i) * d..][..d]);
-            }
-            #[cfg(target_arch = "x86_64")]
-            if fused {
-                // SAFETY: fma_available() confirmed the CPU features.
-                unsafe { attend_group_fma(&qs, ks, vs, d, scale, o) };
-                return;
-            }
-            let _ = fused;
-            attend_group::<false>(&qs, ks, vs, d, scale, o);
-        });
+    let work = |(c, o): (usize, &mut [f32])| {
+        let (i, g) = (c / shape.kv_heads, c % shape.kv_heads);
+        let end = total - t + i + 1;
+        let first = window.map_or(0, |w| end.saturating_sub(w));
+        let ks = &keys[g * head_cache..][first * d..end * d];
+        let vs = &values[g * head_cache..][first * d..end * d];
+        let mut qs = vec![0f32; group * d];
+        for (h, qh) in qs.chunks_exact_mut(d).enumerate() {
+            qh.copy_from_slice(&q[((g * group + h) * t + i) * d..][..d]);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if fused {
+            // SAFETY: fma_available() confirmed the CPU features.
+            unsafe { attend_group_fma(&qs, ks, vs, d, scale, o) };
+            return;
+        }
+        let _ = fused;
+        attend_group::<false>(&qs, ks, vs, d, scale, o);
+    };
+    // Below this many multiply-adds (counting every position as seeing all `total`) a parallel
+    // loop costs more than it saves: a decode step early in a sequence.
+    const PARALLEL_WORK: usize = 1 << 15;
+    if 2 * heads * t * total * d < PARALLEL_WORK {
+        out.chunks_exact_mut(group * d).enumerate().for_each(work);
+    } else {
+        out.par_chunks_exact_mut(group * d)
+            .enumerate()
+            .for_each(work);
+    }
     Ok(())
 }
 
@@ -307,6 +255,46 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    /// One new position (the last of `positions.end` cached) attending over `positions`: the
+    /// window is the range's length.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_one_with(
+        backend: Backend,
+        shape: AttnShape,
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        positions: std::ops::Range<usize>,
+        scale: f32,
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
+        let window = Some(positions.len());
+        attend_causal(
+            backend,
+            shape,
+            q,
+            1,
+            positions.end,
+            window,
+            keys,
+            values,
+            scale,
+            out,
+        )
+    }
+
+    fn attend_one(
+        shape: AttnShape,
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        positions: std::ops::Range<usize>,
+        scale: f32,
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
+        attend_one_with(Backend::Auto, shape, q, keys, values, positions, scale, out)
+    }
 
     /// Attention in f64, the plain way: scores, softmax, weighted sum, head by head.
     fn reference(

@@ -24,7 +24,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-pub use attention::{AttnShape, attend_causal, attend_one, attend_one_with};
+pub use attention::{AttnShape, attend_causal};
 pub use elementwise::silu_mul;
 pub use formats::{QType, dequantize_row};
 
