@@ -39,14 +39,39 @@ pub(crate) struct Acts<'a> {
     pub bsums: Vec<i16>,
     /// Sums of each block's 32 quantised values (Q4_0 only).
     pub sums: Vec<i32>,
-    /// Half-precision prompts on SIMD: the rows in tiles of [`PACK_ROWS`] (the last tile
-    /// shorter), each tile stored column by column (`k` runs of its rows' values), so a kernel
-    /// reads the values it broadcasts from one stream. Empty otherwise.
+    /// Half-precision prompts on SIMD: the rows in the tiles of [`pack_tiles`], each tile
+    /// stored column by column (`k` runs of its rows' values) from its first row's offset
+    /// (`start * k`), so a kernel reads the values it broadcasts from one stream. Empty
+    /// otherwise.
     pub packed: Vec<f32>,
 }
 
 /// Activation rows per packed tile (see [`Acts::packed`]).
 pub(crate) const PACK_ROWS: usize = 6;
+
+/// The tiles `(first row, rows)` that `m` packed activation rows are cut into: [`PACK_ROWS`]
+/// each, except that a remainder of fewer than four rows is merged with the tile before it and
+/// the two split evenly (4 + 3, 4 + 4, 5 + 4), since a tile of one or two rows keeps too few
+/// multiply-adds in flight to hide their latency.
+pub(crate) fn pack_tiles(m: usize) -> Vec<(usize, usize)> {
+    let rem = m % PACK_ROWS;
+    let (full, tail) = match rem {
+        0 => (m / PACK_ROWS, vec![]),
+        1..=3 if m > PACK_ROWS => (
+            m / PACK_ROWS - 1,
+            vec![(PACK_ROWS + rem).div_ceil(2), (PACK_ROWS + rem) / 2],
+        ),
+        _ => (m / PACK_ROWS, vec![rem]),
+    };
+    let mut start = 0;
+    std::iter::repeat_n(PACK_ROWS, full)
+        .chain(tail)
+        .map(|rows| {
+            start += rows;
+            (start - rows, rows)
+        })
+        .collect()
+}
 
 /// Whether a product of `m` rows of type `ty` reads packed activations.
 pub(crate) fn packs(ty: QType, m: usize, simd: bool) -> bool {
@@ -123,21 +148,27 @@ impl<'a> Acts<'a> {
     }
 }
 
-/// `x` (rows of `k`) in tiles of [`PACK_ROWS`] rows, each tile column by column; tiles are
+/// `x` (rows of `k`) in the tiles of [`pack_tiles`], each tile column by column; tiles are
 /// shared between the compute threads.
 fn pack(x: &[f32], k: usize) -> Vec<f32> {
     use rayon::prelude::*;
     let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(PACK_ROWS * k)
-        .zip(x.par_chunks(PACK_ROWS * k))
-        .for_each(|(dst, tile)| {
-            let rows = tile.len() / k;
-            for (r, row) in tile.chunks_exact(k).enumerate() {
-                for (c, &v) in row.iter().enumerate() {
-                    dst[rows * c + r] = v;
-                }
+    let mut jobs = Vec::new();
+    let mut rest = out.as_mut_slice();
+    for (start, rows) in pack_tiles(x.len() / k.max(1)) {
+        let (dst, tail) = std::mem::take(&mut rest).split_at_mut(rows * k);
+        rest = tail;
+        jobs.push((dst, &x[start * k..(start + rows) * k]));
+    }
+    jobs.into_par_iter().for_each(|(dst, tile)| {
+        let rows = tile.len() / k;
+        // Column by column: the writes run in order, the reads in `rows` streams.
+        for (c, column) in dst.chunks_exact_mut(rows).enumerate() {
+            for (r, v) in column.iter_mut().enumerate() {
+                *v = tile[r * k + c];
             }
-        });
+        }
+    });
     out
 }
 
@@ -249,6 +280,23 @@ fn nan_block(q: &mut [i8]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The tiles cover every row once, in order, and none has fewer than three rows unless
+    /// the whole product has.
+    #[test]
+    fn pack_tiles_cover_rows_in_order() {
+        for m in 1..200 {
+            let tiles = pack_tiles(m);
+            let mut next = 0;
+            for &(start, rows) in &tiles {
+                assert_eq!(start, next, "m = {m}");
+                assert!((1..=PACK_ROWS).contains(&rows), "m = {m}: {tiles:?}");
+                assert!(rows >= 3 || m < PACK_ROWS, "m = {m}: {tiles:?}");
+                next += rows;
+            }
+            assert_eq!(next, m);
+        }
+    }
 
     /// The SIMD quantiser gives exactly the scalar one's codes and scales, ties included.
     #[test]

@@ -28,7 +28,7 @@ pub use attention::{AttnShape, attend_causal};
 pub use elementwise::silu_mul;
 pub use formats::{QType, dequantize_row};
 
-use act::{ActRow, Acts, PACK_ROWS};
+use act::{ActRow, Acts, pack_tiles};
 
 /// What can be wrong with a matrix or a product's operands.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -216,8 +216,9 @@ const PANEL_COLS: usize = 2048;
 
 /// A widened 16-row panel (columns `k0..`) against the packed tile of activation rows starting
 /// at row `i` (`M` rows), added into columns `at..at + 16` of `out` (stored for the first
-/// columns).
+/// columns); `ahead` is fetched into the cache meanwhile.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 fn panel_pass<const M: usize>(
     panel: &[f32],
     acts: &Acts<'_>,
@@ -225,12 +226,13 @@ fn panel_pass<const M: usize>(
     k0: usize,
     out: &mut Out<'_>,
     at: usize,
+    ahead: [&[u8]; 2],
 ) {
     let (kl, k) = (panel.len() / 16, acts.k);
     let xp = &acts.packed[i * k + M * k0..][..M * kl];
     // SAFETY: packed activations exist only when x86::available() holds; the tile holds `kl`
     // columns of `M` values from column k0.
-    let r = unsafe { x86::panel16::<M>(panel, xp) };
+    let r = unsafe { x86::panel16::<M>(panel, xp, ahead) };
     for (d, part) in r.iter().enumerate() {
         let o = &mut out.row(i + d)[at..at + 16];
         if k0 == 0 {
@@ -494,31 +496,53 @@ impl QMatrix {
         }
         let end = rows.start + 16 * panels;
         let k = self.cols;
+        let tiles = pack_tiles(m);
         let mut buf = vec![0f32; 16 * PANEL_COLS.min(k)];
-        for k0 in (0..k).step_by(PANEL_COLS) {
+        // Each panel's half-precision columns, in the order they are widened.
+        let steps: Vec<(usize, usize)> = (0..k)
+            .step_by(PANEL_COLS)
+            .flat_map(|k0| (rows.start..end).step_by(16).map(move |j| (k0, j)))
+            .collect();
+        let columns = |(k0, j): (usize, usize)| {
+            let bytes = 16 * k0..16 * (k0 + PANEL_COLS.min(k - k0));
+            [
+                &self.group(j / 8)[bytes.clone()],
+                &self.group(j / 8 + 1)[bytes],
+            ]
+        };
+        for (s, &(k0, j)) in steps.iter().enumerate() {
             let kl = PANEL_COLS.min(k - k0);
             let panel = &mut buf[..16 * kl];
-            for j in (rows.start..end).step_by(16) {
-                let (g0, g1) = (self.group(j / 8), self.group(j / 8 + 1));
-                // SAFETY: groups exist only when x86::available() holds; columns k0..k0 + kl
-                // lie within both groups.
-                unsafe {
-                    if self.ty == QType::BF16 {
-                        x86::widen_pair::<true>(g0, g1, k0, panel);
-                    } else {
-                        x86::widen_pair::<false>(g0, g1, k0, panel);
-                    }
+            let [g0, g1] = columns((k0, j));
+            // SAFETY: groups exist only when x86::available() holds; `columns` gives whole
+            // columns of both groups.
+            unsafe {
+                if self.ty == QType::BF16 {
+                    x86::widen_pair::<true>(g0, g1, panel);
+                } else {
+                    x86::widen_pair::<false>(g0, g1, panel);
                 }
-                let at = j - rows.start;
-                for i in (0..m).step_by(PACK_ROWS) {
-                    match m - i {
-                        6.. => panel_pass::<6>(panel, acts, i, k0, out, at),
-                        5 => panel_pass::<5>(panel, acts, i, k0, out, at),
-                        4 => panel_pass::<4>(panel, acts, i, k0, out, at),
-                        3 => panel_pass::<3>(panel, acts, i, k0, out, at),
-                        2 => panel_pass::<2>(panel, acts, i, k0, out, at),
-                        _ => panel_pass::<1>(panel, acts, i, k0, out, at),
-                    }
+            }
+            // The next panel's weights are fetched from memory while this one computes, a
+            // share per tile, so widening it does not wait for them.
+            let next = steps.get(s + 1).map(|&step| columns(step));
+            let at = j - rows.start;
+            for (t, &(i, len)) in tiles.iter().enumerate() {
+                // This tile's share of the next panel's weights (of each of its two groups).
+                let share = |g: usize| -> &[u8] {
+                    let Some(next) = next else { return &[] };
+                    let part = next[g].len().div_ceil(tiles.len());
+                    let end = ((t + 1) * part).min(next[g].len());
+                    next[g].get(t * part..end).unwrap_or_default()
+                };
+                let ahead = [share(0), share(1)];
+                match len {
+                    6.. => panel_pass::<6>(panel, acts, i, k0, out, at, ahead),
+                    5 => panel_pass::<5>(panel, acts, i, k0, out, at, ahead),
+                    4 => panel_pass::<4>(panel, acts, i, k0, out, at, ahead),
+                    3 => panel_pass::<3>(panel, acts, i, k0, out, at, ahead),
+                    2 => panel_pass::<2>(panel, acts, i, k0, out, at, ahead),
+                    _ => panel_pass::<1>(panel, acts, i, k0, out, at, ahead),
                 }
             }
         }

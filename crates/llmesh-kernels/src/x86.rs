@@ -688,22 +688,20 @@ pub(crate) unsafe fn half8<const BF: bool, const M: usize>(
     lanes(acc)
 }
 
-/// Widens columns `k0..k0 + buf.len() / 16` of two interleaved f16 or bf16 groups (16 weight
-/// rows) into `buf`: per column, the 8 values of `g0`'s rows, then the 8 of `g1`'s.
+/// Widens the same columns of two interleaved f16 or bf16 groups (`g0`, `g1`: 16 bytes per
+/// column, 8 rows each) into `buf`: per column, the 8 values of `g0`'s rows, then the 8 of
+/// `g1`'s.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn widen_pair<const BF: bool>(g0: &[u8], g1: &[u8], k0: usize, buf: &mut [f32]) {
+pub(crate) unsafe fn widen_pair<const BF: bool>(g0: &[u8], g1: &[u8], buf: &mut [f32]) {
     let kl = buf.len() / 16;
-    assert!(
-        16 * (k0 + kl) <= g0.len().min(g1.len()),
-        "columns out of range"
-    );
+    assert!(16 * kl <= g0.len().min(g1.len()), "columns out of range");
     let kind = if BF { Float::BF16 } else { Float::F16 };
     let (p0, p1, b) = (g0.as_ptr(), g1.as_ptr(), buf.as_mut_ptr());
     for kk in 0..kl {
-        // SAFETY: column k0 + kk lies within both groups (asserted) and run kk within `buf`.
+        // SAFETY: column kk lies within both groups (asserted) and run kk within `buf`.
         unsafe {
-            _mm256_storeu_ps(b.add(16 * kk), load8(kind, p0.add(16 * (k0 + kk))));
-            _mm256_storeu_ps(b.add(16 * kk + 8), load8(kind, p1.add(16 * (k0 + kk))));
+            _mm256_storeu_ps(b.add(16 * kk), load8(kind, p0.add(16 * kk)));
+            _mm256_storeu_ps(b.add(16 * kk + 8), load8(kind, p1.add(16 * kk)));
         }
     }
 }
@@ -711,15 +709,31 @@ pub(crate) unsafe fn widen_pair<const BF: bool>(g0: &[u8], g1: &[u8], k0: usize,
 /// A widened panel of 16 weight rows (`w`: per column 16 f32, from [`widen_pair`]) against a
 /// tile of `M` activation rows packed column by column (`xp`: per column the `M` rows' values):
 /// per activation row, the 16 partial dot products. Each broadcast value feeds two
-/// multiply-adds; `M = 6` keeps twelve accumulators in flight.
+/// multiply-adds; `M = 6` keeps twelve accumulators in flight. The cache lines of `ahead` (parts
+/// of the next panel's weights) are asked for along the way, one every few columns, so that they
+/// arrive without a burst of requests stalling the loop.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn panel16<const M: usize>(w: &[f32], xp: &[f32]) -> [[f32; 16]; M] {
+pub(crate) unsafe fn panel16<const M: usize>(
+    w: &[f32],
+    xp: &[f32],
+    ahead: [&[u8]; 2],
+) -> [[f32; 16]; M] {
     let kl = w.len() / 16;
     assert!(xp.len() >= M * kl, "activation tile too short");
     let (wp, x) = (w.as_ptr(), xp.as_ptr());
     let mut a0 = [_mm256_setzero_ps(); M];
     let mut a1 = [_mm256_setzero_ps(); M];
+    let mut lines = ahead[0].chunks(64).chain(ahead[1].chunks(64));
+    let every = (kl / (ahead[0].len() + ahead[1].len()).div_ceil(64).max(1)).max(1);
+    let mut countdown = every;
     for kk in 0..kl {
+        countdown -= 1;
+        if countdown == 0 {
+            countdown = every;
+            if let Some(line) = lines.next() {
+                _mm_prefetch::<_MM_HINT_T1>(line.as_ptr() as *const i8);
+            }
+        }
         // SAFETY: kk < kl columns of the panel and of the tile (asserted).
         unsafe {
             let w0 = _mm256_loadu_ps(wp.add(16 * kk));
@@ -730,6 +744,9 @@ pub(crate) unsafe fn panel16<const M: usize>(w: &[f32], xp: &[f32]) -> [[f32; 16
                 a1[r] = _mm256_fmadd_ps(xv, w1, a1[r]);
             }
         }
+    }
+    for line in lines {
+        _mm_prefetch::<_MM_HINT_T1>(line.as_ptr() as *const i8);
     }
     let (l0, l1) = (lanes(a0), lanes(a1));
     std::array::from_fn(|r| {

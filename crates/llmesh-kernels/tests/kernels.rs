@@ -115,7 +115,7 @@ fn half_precision_prompts_over_several_column_panels() {
     // Rows of 4,128 columns are widened in three panels (2,048, 2,048 and 32 columns), whose
     // partial sums add up; on one thread, 40 rows are tasks of 16, 16 and 8 rows (two 16-row
     // panels and one 8-row group); prompts of 4 to 11 rows end in activation tiles of every
-    // size from 1 to 6.
+    // size from 3 to 6 (7 = 4 + 3, 8 = 4 + 4, 9 = 5 + 4, 10 = 6 + 4, 11 = 6 + 5).
     let one = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build()
