@@ -2,16 +2,18 @@
 """A simulated home cluster (not run in CI; needs root, cgroup v1, iproute2).
 
 Three nodes in three network namespaces on a bridge, made unequal:
-  node    CPU (cgroup v1 cpu.cfs_quota_us)   memory (memory.limit_in_bytes)   link (tc tbf)
-  fast    100% of a core                      --mem each (default 256 MiB)     1 Gbit/s
+  node    CPU (cgroup v1 cpu.cfs_quota_us,   memory (memory.limit_in_bytes)   link (tc tbf)
+          per 10 ms cpu.cfs_period_us)
+  fast    100% of a core                      --mem each (default 110 MiB)     1 Gbit/s
   medium   50% of a core                      same                             200 Mbit/s
   slow     25% of a core                      same                             200 Mbit/s
 For each partitioner (memory-weighted, latency) it starts the three nodes (they find each other by
-mDNS and measure their own speed inside their cgroup), waits for the plan, streams a completion
-from the fast node and reports the time per output token and the plan. The latency partitioner
+mDNS and measure their own speed inside their cgroup), waits until the plan has held for a few
+seconds, streams completions from the fast node and reports the median time per output token and
+the plan (checked unchanged afterwards). The latency partitioner
 should be at most 0.8x the memory-weighted time.
 
-Usage: sudo scripts/home-cluster.py [--model FILE] [--mem MiB] [--tokens N]
+Usage: sudo scripts/home-cluster.py [--model FILE] [--mem MiB] [--tokens N] [--runs N]
 Default model: the synthetic bench model (`llmesh bench` makes it), Q8_0, 16 layers, ~184 MiB.
 """
 
@@ -26,7 +28,12 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NODES = [("fast", 100000, "1gbit"), ("medium", 50000, "200mbit"), ("slow", 25000, "200mbit")]
+# CPU quotas per period of CFS_PERIOD_US. The period is 10 ms rather than the kernel's default
+# 100 ms: with 100 ms, a node whose share of each token's work stays under its quota runs at full
+# speed in bursts (a 25% node computes 25 ms flat out, then stops), so it is slow only when busy;
+# with 10 ms it is slowed evenly, as a slower device is.
+CFS_PERIOD_US = 10000
+NODES = [("fast", 10000, "1gbit"), ("medium", 5000, "200mbit"), ("slow", 2500, "200mbit")]
 SUBNET = "10.232.7"
 BRIDGE = "llhomebr"
 
@@ -68,7 +75,7 @@ def cgroup(name, quota, mem_bytes):
     cpu, memory = f"/sys/fs/cgroup/cpu/llmesh-{name}", f"/sys/fs/cgroup/memory/llmesh-{name}"
     for d in (cpu, memory):
         os.makedirs(d, exist_ok=True)
-    open(f"{cpu}/cpu.cfs_period_us", "w").write("100000")
+    open(f"{cpu}/cpu.cfs_period_us", "w").write(str(CFS_PERIOD_US))
     open(f"{cpu}/cpu.cfs_quota_us", "w").write(str(quota))
     open(f"{memory}/memory.limit_in_bytes", "w").write(str(mem_bytes))
     return cpu, memory
@@ -91,24 +98,37 @@ def start_nodes(binary, model, strategy, mem_mib, work):
                f"--kv-cache-tokens 1024 --threads 1 --parallel 1 --node-name {name} --partitioner {strategy} "
                f"--data-dir {work}/{strategy}-{name}")
         procs.append(subprocess.Popen(["sh", "-c", cmd], stdout=log, stderr=subprocess.STDOUT,
-                                      env={**os.environ, "RUST_LOG": "llmesh_cluster=info"}))
+                                      env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "llmesh_cluster=info")}))
     return procs
 
 
-def wait_plan(url, timeout=300):
+def current_plan(url):
+    """The plan, once every node of it has loaded its layers and the node is healthy; else None."""
+    topo = get(url + "/v1/topology")
+    health = get(url + "/healthcheck")
+    plan = topo["plan"]
+    loaded = {n["name"]: (n["shards"][0]["start"], n["shards"][0]["end"]) if n["shards"] else None
+              for n in topo["nodes"]}
+    if plan and len(topo["nodes"]) == 3 and health["status"] == "ok" and all(
+            loaded.get(h["name"]) == (h["start"], h["end"]) for h in plan):
+        return plan
+    return None
+
+
+def wait_plan(url, timeout=300, settle=5.0):
+    """Waits for a plan that has held, loaded, for `settle` seconds: a plan made before the last
+    node joined (or before its speed was known) is replaced moments later."""
     end = time.time() + timeout
+    held, since = None, time.time()
     while time.time() < end:
         try:
-            topo = get(url + "/v1/topology")
-            health = get(url + "/healthcheck")
-            plan = topo["plan"]
-            loaded = {n["name"]: (n["shards"][0]["start"], n["shards"][0]["end"]) if n["shards"] else None
-                      for n in topo["nodes"]}
-            if plan and len(topo["nodes"]) == 3 and health["status"] == "ok" and all(
-                    loaded.get(h["name"]) == (h["start"], h["end"]) for h in plan):
-                return plan
+            plan = current_plan(url)
         except Exception:
-            pass
+            plan = None
+        if plan != held:
+            held, since = plan, time.time()
+        elif plan and time.time() - since >= settle:
+            return plan
         time.sleep(0.5)
     raise SystemExit("no plan in time")
 
@@ -137,6 +157,7 @@ def main():
     ap.add_argument("--model")
     ap.add_argument("--mem", type=int, default=110, help="MiB each node may use for weights and cache")
     ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--runs", type=int, default=5, help="completions measured per partitioner (median)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces and cgroups)")
@@ -159,9 +180,11 @@ def main():
                 plan = wait_plan(url)
                 model_id = get(url + "/v1/models")["data"][0]["id"]
                 measure(url, model_id, 4)  # warm up
-                runs = [measure(url, model_id, args.tokens) for _ in range(3)]
-                tpot = sorted(r[1] for r in runs)[1]
-                ttft = sorted(r[0] for r in runs)[1]
+                runs = [measure(url, model_id, args.tokens) for _ in range(args.runs)]
+                if current_plan(url) != plan:
+                    raise SystemExit(f"{strategy}: the plan changed while it was measured")
+                tpot = sorted(r[1] for r in runs)[len(runs) // 2]
+                ttft = sorted(r[0] for r in runs)[len(runs) // 2]
                 results[strategy] = (tpot, ttft, plan)
                 print(f"{strategy:16} TPOT {tpot * 1e3:8.1f} ms   TTFT {ttft * 1e3:8.1f} ms   plan: "
                       + " → ".join(f"{h['name']}[{h['start']}..{h['end']}]" for h in plan), flush=True)

@@ -5,9 +5,9 @@
 //! * [`Strategy::MemoryWeighted`] — exo's ring split: layers in proportion to memory, every node
 //!   used. The baseline.
 //! * [`Strategy::Latency`] (default) — minimise the time per token of one stream: each node's
-//!   measured seconds per layer times its layers, plus a cost per hop, with every node's weights
-//!   and KV cache within its memory. A node is added only when it lowers that time (or is needed
-//!   for memory).
+//!   measured seconds per layer times its layers, the output head's share on the last node, plus
+//!   a cost per hop, with every node's weights and KV cache within its memory. A node is added
+//!   only when it lowers that time (or is needed for memory).
 
 use serde::{Deserialize, Serialize};
 
@@ -64,20 +64,38 @@ impl Plan {
             .map(|h| (h.start, h.end))
     }
 
-    /// Estimated seconds per token of this plan on `nodes`, with `hop_seconds` per boundary.
-    pub fn seconds_per_token(&self, nodes: &[NodeSpec], hop_seconds: f64) -> f64 {
-        let compute: f64 = self
+    /// Estimated seconds per token of this plan for `model` on `nodes`, with `hop_seconds` per
+    /// boundary: each node's layers at its measured speed, and the output head on the last node
+    /// at the same speed per byte (a decode step reads every weight once, the head's as well).
+    pub fn seconds_per_token(
+        &self,
+        model: &ModelSpec,
+        nodes: &[NodeSpec],
+        hop_seconds: f64,
+    ) -> f64 {
+        let speed = |id: &str| {
+            nodes
+                .iter()
+                .find(|n| n.id == id)
+                .map_or(0.0, |n| n.seconds_per_layer)
+        };
+        let layers: f64 = self
             .hops
             .iter()
-            .map(|h| {
-                let spl = nodes
-                    .iter()
-                    .find(|n| n.id == h.node)
-                    .map_or(0.0, |n| n.seconds_per_layer);
-                spl * (h.end - h.start) as f64
-            })
+            .map(|h| speed(&h.node) * (h.end - h.start) as f64)
             .sum();
-        compute + hop_seconds * self.hops.len().saturating_sub(1) as f64
+        let head = self
+            .hops
+            .last()
+            .map_or(0.0, |h| speed(&h.node) * model.head_layers());
+        layers + head + hop_seconds * self.hops.len().saturating_sub(1) as f64
+    }
+}
+
+impl ModelSpec {
+    /// The output head's work per token in layers: its bytes over one layer's.
+    pub fn head_layers(&self) -> f64 {
+        self.last_bytes as f64 / self.layer_bytes.max(1) as f64
     }
 }
 
@@ -267,25 +285,34 @@ fn latency(model: &ModelSpec, nodes: &[NodeSpec], hop_seconds: f64) -> Option<Pl
     let n = nodes.len();
     let mut best: Option<(f64, usize, Vec<usize>, Plan)> = None;
     let mut consider = |subset: Vec<usize>| {
-        let chosen = pipeline_order(model, subset.iter().map(|&i| &nodes[i]).collect());
-        let Some(counts) = fill_by_speed(model, &chosen) else {
-            return;
-        };
-        let plan = layout(&chosen, &counts);
-        if plan.hops.len() != chosen.len() {
-            return; // a node with no layers is not part of this subset's plan
-        }
-        let cost = plan.seconds_per_token(nodes, hop_seconds);
-        let better = match &best {
-            None => true,
-            Some((c, k, ids, _)) => {
-                // Prefer lower time; within 0.1% prefer fewer nodes, then lower ids.
-                let eps = 1e-3 * c.abs().max(1e-12);
-                cost < c - eps || ((cost - c).abs() <= eps && (chosen.len(), &subset) < (*k, ids))
+        let members: Vec<&NodeSpec> = subset.iter().map(|&i| &nodes[i]).collect();
+        for (alternative, chosen) in pipeline_orders(model, members) {
+            let Some(counts) = fill_by_speed(model, &chosen) else {
+                continue;
+            };
+            let plan = layout(&chosen, &counts);
+            if plan.hops.len() != chosen.len() {
+                continue; // a node with no layers is not part of this subset's plan
             }
-        };
-        if better {
-            best = Some((cost, chosen.len(), subset, plan));
+            // Moving the head to a faster node must not leave it fewer layers than a slower
+            // node with as much memory.
+            if alternative && !faster_nodes_hold_as_many(nodes, &plan) {
+                continue;
+            }
+            let cost = plan.seconds_per_token(model, nodes, hop_seconds);
+            let better = match &best {
+                None => true,
+                Some((c, k, ids, _)) => {
+                    // Prefer lower time; within 0.1% prefer fewer nodes, then lower ids, then
+                    // the first order tried.
+                    let eps = 1e-3 * c.abs().max(1e-12);
+                    cost < c - eps
+                        || ((cost - c).abs() <= eps && (chosen.len(), &subset) < (*k, ids))
+                }
+            };
+            if better {
+                best = Some((cost, chosen.len(), subset.clone(), plan));
+            }
         }
     };
     if n <= 12 {
@@ -310,9 +337,41 @@ fn latency(model: &ModelSpec, nodes: &[NodeSpec], hop_seconds: f64) -> Option<Pl
     best.map(|b| b.3)
 }
 
+/// The pipeline orders worth trying for the chosen nodes, the first with `false`, the rest
+/// with `true`. First: the embedding (first position) and output head (last) on the slowest
+/// nodes, the smaller of the two on the faster of those, so that the fastest have the most room
+/// for layers. Then that order with the last node swapped for each other one: the head is work
+/// for its node every token, worth a faster node when it is large (a big vocabulary).
+fn pipeline_orders<'a>(
+    model: &ModelSpec,
+    chosen: Vec<&'a NodeSpec>,
+) -> Vec<(bool, Vec<&'a NodeSpec>)> {
+    let first = pipeline_order(model, chosen);
+    let k = first.len();
+    let mut orders = vec![(false, first.clone())];
+    for i in 0..k.saturating_sub(1) {
+        let mut order = first.clone();
+        order.swap(i, k - 1);
+        orders.push((true, order));
+    }
+    orders
+}
+
+/// Whether every node of the cluster holds at least as many layers in `plan` as each slower
+/// node with the same memory.
+fn faster_nodes_hold_as_many(nodes: &[NodeSpec], plan: &Plan) -> bool {
+    let layers = |id: &str| plan.range_of(id).map_or(0, |(s, e)| e - s);
+    nodes.iter().all(|a| {
+        nodes.iter().all(|b| {
+            a.memory != b.memory
+                || a.seconds_per_layer >= b.seconds_per_layer
+                || layers(&a.id) >= layers(&b.id)
+        })
+    })
+}
+
 /// Orders the chosen nodes so that the fastest have the most room: the embedding (first) and
 /// output head (last) go to the slowest nodes, the smaller of the two to the faster of those.
-/// The order does not change the time per token, only which node pays for those bytes.
 fn pipeline_order<'a>(model: &ModelSpec, mut chosen: Vec<&'a NodeSpec>) -> Vec<&'a NodeSpec> {
     let k = chosen.len();
     chosen.sort_by(|a, b| {
@@ -515,6 +574,45 @@ mod tests {
         let nodes = [node("a", 8 * GIB, 4e-3), node("b", 2 * GIB, 1e-3)];
         let p = plan(&m, &nodes, Strategy::Latency, 0.001).unwrap();
         assert_eq!(p.hops.len(), 2, "{p:?}");
+    }
+
+    #[test]
+    fn a_large_output_head_goes_to_the_faster_node() {
+        // The head reads as many bytes as six layers (a large vocabulary); neither node holds
+        // the whole model, each holds ten layers besides the embedding or the head.
+        let m = ModelSpec {
+            layer_bytes: 100 << 20,
+            first_bytes: 600 << 20,
+            last_bytes: 600 << 20,
+            ..model(16)
+        };
+        let nodes = [node("a", 1700 << 20, 1e-3), node("b", 1700 << 20, 4e-3)];
+        let p = plan(&m, &nodes, Strategy::Latency, 0.0).unwrap();
+        check_valid(&m, &nodes, &p);
+        let hops: Vec<(&str, usize, usize)> = p
+            .hops
+            .iter()
+            .map(|h| (h.node.as_str(), h.start, h.end))
+            .collect();
+        // a: 10 layers and the head (16 ms); b: 6 layers (24 ms). With the head on b instead:
+        // 10 ms on a and 6 + 6 layers' worth on b (48 ms).
+        assert_eq!(hops, [("b", 0, 6), ("a", 6, 16)]);
+        assert!((p.seconds_per_token(&m, &nodes, 0.0) - 0.040).abs() < 1e-9);
+        let head_on_b = Plan {
+            hops: vec![
+                Hop {
+                    node: "a".into(),
+                    start: 0,
+                    end: 10,
+                },
+                Hop {
+                    node: "b".into(),
+                    start: 10,
+                    end: 16,
+                },
+            ],
+        };
+        assert!((head_on_b.seconds_per_token(&m, &nodes, 0.001) - 0.059).abs() < 1e-9);
     }
 
     #[test]
