@@ -25,8 +25,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::key::ClusterKey;
 use crate::wire::{
-    CTL_PROTOCOL, Codec, CtlRequest, CtlResponse, STEP_PROTOCOL, StepRequest, StepResponse,
-    read_msg, write_msg,
+    CTL_PROTOCOL, Codec, CtlRequest, CtlResponse, Delivery, STEP_PROTOCOL, StepMessage,
+    StepRequest, StepResponse, read_msg, write_msg,
 };
 
 /// How long a step may take end to end (a long prompt chunk on a slow node).
@@ -63,6 +63,8 @@ pub enum NetEvent {
     Ctl(PeerId, CtlRequest, u64),
     /// A peer sent a pipeline step; answer on the channel.
     Step(PeerId, Box<StepRequest>, oneshot::Sender<StepResponse>),
+    /// A peer delivered the answer to a step this node sent; acknowledge on the channel.
+    Deliver(PeerId, Box<Delivery>, oneshot::Sender<StepResponse>),
     /// A connection failed before it was established (wrong cluster key, not llmesh, down).
     ConnectFailed(Option<PeerId>, String),
     /// Listening on a new address.
@@ -116,6 +118,19 @@ impl NetClient {
 
     /// Sends a step and waits for the answer (async), on an idle stream to the peer or a new one.
     pub async fn step(&self, peer: PeerId, req: StepRequest) -> Result<StepResponse, NetError> {
+        self.send_step_message(peer, StepMessage::Step(req)).await
+    }
+
+    /// Delivers the answer to a step to its entry node and waits for the acknowledgement.
+    pub async fn deliver(&self, peer: PeerId, d: Delivery) -> Result<StepResponse, NetError> {
+        self.send_step_message(peer, StepMessage::Deliver(d)).await
+    }
+
+    async fn send_step_message(
+        &self,
+        peer: PeerId,
+        msg: StepMessage,
+    ) -> Result<StepResponse, NetError> {
         let pooled = self
             .pool
             .lock()
@@ -124,7 +139,7 @@ impl NetClient {
         if let Some(stream) = pooled {
             // A pooled stream the peer has since closed fails before anything was processed;
             // anything else is a real failure.
-            match self.exchange(peer, stream, &req).await {
+            match self.exchange(peer, stream, &msg).await {
                 Err(NetError::Unreachable(e))
                     if e.contains("end of file") || e.contains("reset") =>
                 {
@@ -134,17 +149,17 @@ impl NetClient {
             }
         }
         let stream = self.open_step_stream(peer).await?;
-        self.exchange(peer, stream, &req).await
+        self.exchange(peer, stream, &msg).await
     }
 
     async fn exchange(
         &self,
         peer: PeerId,
         mut stream: libp2p::Stream,
-        req: &StepRequest,
+        msg: &StepMessage,
     ) -> Result<StepResponse, NetError> {
         let exchange = async {
-            write_msg(&mut stream, req).await?;
+            write_msg(&mut stream, msg).await?;
             read_msg::<StepResponse, _>(&mut stream).await
         };
         match tokio::time::timeout(STEP_TIMEOUT, exchange).await {
@@ -351,8 +366,8 @@ async fn serve_steps(mut incoming: libp2p_stream::IncomingStreams, events: mpsc:
                 return;
             }
             loop {
-                let req: StepRequest = match read_msg(&mut stream).await {
-                    Ok(r) => r,
+                let msg: StepMessage = match read_msg(&mut stream).await {
+                    Ok(m) => m,
                     Err(e) => {
                         if e.kind() != std::io::ErrorKind::UnexpectedEof {
                             tracing::debug!(%peer, "step stream closed: {e}");
@@ -360,13 +375,18 @@ async fn serve_steps(mut incoming: libp2p_stream::IncomingStreams, events: mpsc:
                         return;
                     }
                 };
-                tracing::trace!(us = now_us(), "step request arrived");
                 let (tx, rx) = oneshot::channel();
-                if events
-                    .send(NetEvent::Step(peer, Box::new(req), tx))
-                    .await
-                    .is_err()
-                {
+                let event = match msg {
+                    StepMessage::Step(req) => {
+                        tracing::trace!(us = now_us(), "step request arrived");
+                        NetEvent::Step(peer, Box::new(req), tx)
+                    }
+                    StepMessage::Deliver(d) => {
+                        tracing::trace!(us = now_us(), "step answer delivered");
+                        NetEvent::Deliver(peer, Box::new(d), tx)
+                    }
+                };
+                if events.send(event).await.is_err() {
                     return;
                 }
                 let Ok(resp) = rx.await else { return };

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use crate::key::ClusterKey;
 use crate::net::{self, NetClient, NetConfig, NetEvent};
 use crate::partition::{self, ModelSpec, NodeSpec, Plan, Strategy};
+use crate::pipeline::Answer;
 use crate::topology::Topology;
 use crate::wire::{CtlRequest, CtlResponse, ModelAdvert, NodeInfo, WireDtype};
 
@@ -109,10 +110,15 @@ pub(crate) struct Inner {
     pub plan_tx: watch::Sender<PlanState>,
     pub shard: Mutex<ShardSlot>,
     pub states: Mutex<HashMap<(String, u64), HopState>>,
+    /// Steps this node (as the entry) waits on whose answers other nodes deliver directly, by
+    /// (request, start position, delivering hop).
+    pub deliveries: Mutex<HashMap<(u64, u32, u32), crate::pipeline::Awaited>>,
     pub next_request: AtomicU64,
     /// Steps this node sent to other nodes, and their bytes of activations and tokens.
     pub steps_sent: AtomicU64,
     pub bytes_sent: AtomicU64,
+    /// Answers other nodes delivered here directly, as the entry of the request.
+    pub deliveries_taken: AtomicU64,
     pub pool: OnceLock<WorkerPool>,
     pub listen: Mutex<Vec<Multiaddr>>,
     pub wire_dtype: WireDtype,
@@ -173,9 +179,11 @@ impl Node {
             plan_tx,
             shard: Mutex::new(ShardSlot::default()),
             states: Mutex::new(HashMap::new()),
+            deliveries: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
             steps_sent: AtomicU64::new(0),
             bytes_sent: AtomicU64::new(0),
+            deliveries_taken: AtomicU64::new(0),
             pool: OnceLock::new(),
             listen: Mutex::new(Vec::new()),
             wire_dtype,
@@ -443,8 +451,17 @@ async fn handle_events(inner: Weak<Inner>, mut events: tokio::sync::mpsc::Receiv
             NetEvent::Step(_peer, req, reply) => {
                 let forwards = crate::pipeline::forwards(&req);
                 let i = inner.clone();
-                let job = move || {
-                    let _ = reply.send(crate::pipeline::handle_step(&i, *req));
+                let job = move || match crate::pipeline::run_step(&i, *req) {
+                    Answer::Reply(r) => {
+                        let _ = reply.send(r);
+                    }
+                    // Delivering waits on the entry node: not on a compute thread.
+                    Answer::Deliver(entry, d) => {
+                        let rt = i.rt.clone();
+                        rt.spawn(async move {
+                            let _ = reply.send(crate::pipeline::deliver(&i, entry, d).await);
+                        });
+                    }
                 };
                 if forwards {
                     // It waits on the next node: keep that wait off the compute threads.
@@ -454,6 +471,9 @@ async fn handle_events(inner: Weak<Inner>, mut events: tokio::sync::mpsc::Receiv
                     // one thread hand-off instead of three per step.
                     llmesh_engine::threads::spawn_compute(job);
                 }
+            }
+            NetEvent::Deliver(peer, d, ack) => {
+                let _ = ack.send(crate::pipeline::accept_delivery(&inner, peer, *d));
             }
             NetEvent::ConnectFailed(..) => {}
         }

@@ -1,8 +1,9 @@
 //! The request pipeline. An entry node sends each step of a request along the plan: every hop
 //! runs its layers on the step and passes the activations to the next hop (source-routed: the
-//! plan travels with the step); the last hop chooses the next token and the answer comes back
-//! down the chain. Each hop keeps the request's KV cache for its layers, keyed by (entry node,
-//! request id).
+//! plan travels with the step); the last hop chooses the next token and sends it straight to the
+//! entry node (a [`Delivery`]), as does a hop whose next hop is the entry's own; the chain of
+//! calls behind it only confirms. Each hop keeps the request's KV cache for its layers, keyed by
+//! (entry node, request id).
 //!
 //! When a hop fails, the entry node leaves the failed node out, waits for the plan the remaining
 //! nodes agree on, and replays the request — the prompt and the tokens produced so far — on it.
@@ -19,15 +20,94 @@ use llmesh_engine::head::{HeadSpec, SequenceHead, StepOutput};
 use llmesh_engine::service::RunnerFactory;
 use llmesh_engine::{Error, GenerateRequest, LogitsFor, ShardInput};
 
+use crate::net::NetError;
 use crate::node::{HopState, Inner, PlanState};
 use crate::partition::Plan;
 use crate::wire::{
-    CtlRequest, StepError, StepReply, StepRequest, StepResponse, decode_hidden, encode_hidden,
+    CtlRequest, Delivery, StepError, StepReply, StepRequest, StepResponse, decode_hidden,
+    encode_hidden,
 };
+
+/// What a hop does with the outcome of its step.
+pub(crate) enum Answer {
+    /// Answer the caller.
+    Reply(StepResponse),
+    /// Send the answer to the entry node, then confirm to the caller (see [`deliver`]).
+    Deliver(PeerId, Delivery),
+}
+
+/// Runs one step at this node and answers it, delivering to the entry node first when the
+/// step's outcome goes there directly.
+pub(crate) fn handle_step(inner: &Arc<Inner>, req: StepRequest) -> StepResponse {
+    match run_step(inner, req) {
+        Answer::Reply(r) => r,
+        Answer::Deliver(entry, d) => inner.rt.block_on(deliver(inner, entry, d)),
+    }
+}
+
+/// Sends a step's answer to its entry node; the caller is told `Delivered`, or gets the answer
+/// itself to pass back down the chain when the entry cannot take it.
+pub(crate) async fn deliver(inner: &Inner, entry: PeerId, d: Delivery) -> StepResponse {
+    let fallback = d.reply.clone();
+    match inner.net.deliver(entry, d).await {
+        Ok(Ok(StepReply::Delivered)) => Ok(StepReply::Delivered),
+        other => {
+            tracing::debug!(%entry, "could not deliver to the entry node ({other:?}); answering down the chain");
+            Ok(fallback)
+        }
+    }
+}
+
+/// The hop at which the chain of hops that the entry node starts at hop `from` ends: the last
+/// hop, or the one before the entry's own next hop.
+fn chain_end(req: &StepRequest, from: usize) -> usize {
+    let hops = &req.plan.hops;
+    let mut h = from;
+    while h + 1 < hops.len() && hops[h + 1].node != req.entry {
+        h += 1;
+    }
+    h
+}
+
+/// Whether this hop (not the entry node) was called by another hop rather than by the entry, so
+/// that its answer goes to the entry directly instead of back through the callers.
+fn answers_entry_directly(inner: &Inner, req: &StepRequest) -> bool {
+    let hop = req.hop as usize;
+    inner.me_s != req.entry
+        && hop > 0
+        && req
+            .plan
+            .hops
+            .get(hop - 1)
+            .is_some_and(|h| h.node != req.entry)
+}
 
 /// Runs one step at this node (hop `req.hop` of the plan) and, unless it is the last hop, the
 /// rest of the pipeline after it.
-pub(crate) fn handle_step(inner: &Arc<Inner>, req: StepRequest) -> StepResponse {
+pub(crate) fn run_step(inner: &Arc<Inner>, req: StepRequest) -> Answer {
+    let direct = answers_entry_directly(inner, &req);
+    let (request, start_pos, hop) = (req.request, req.start_pos, req.hop);
+    let entry = req.entry.clone();
+    match step_here(inner, req) {
+        Ok(reply @ (StepReply::Done(_) | StepReply::Hidden { .. })) if direct => {
+            match entry.parse::<PeerId>() {
+                Ok(entry) => Answer::Deliver(
+                    entry,
+                    Delivery {
+                        request,
+                        start_pos,
+                        hop,
+                        reply,
+                    },
+                ),
+                Err(_) => Answer::Reply(Ok(reply)),
+            }
+        }
+        other => Answer::Reply(other),
+    }
+}
+
+fn step_here(inner: &Arc<Inner>, req: StepRequest) -> StepResponse {
     if req.model != inner.advert.fingerprint {
         return Err(StepError::NotReady(
             "this node holds a different model".into(),
@@ -200,7 +280,12 @@ fn forward(inner: &Arc<Inner>, node: &str, req: StepRequest) -> StepResponse {
         .bytes_sent
         .fetch_add(payload as u64, Ordering::Relaxed);
     let t0 = Instant::now();
-    let result = inner.net.step_blocking(peer, req);
+    let end = chain_end(&req, req.hop as usize);
+    let result = if inner.me_s == req.entry && end > req.hop as usize {
+        send_expecting_delivery(inner, peer, end, req)
+    } else {
+        inner.net.step_blocking(peer, req)
+    };
     tracing::trace!(
         ms = t0.elapsed().as_secs_f64() * 1e3,
         bytes = payload,
@@ -212,6 +297,85 @@ fn forward(inner: &Arc<Inner>, node: &str, req: StepRequest) -> StepResponse {
             peer: node.to_string(),
             detail: e.to_string(),
         }),
+    }
+}
+
+/// What reaches an entry node waiting on a step: the answer the chain's end delivered, or the
+/// chain's own reply.
+pub(crate) enum Arrival {
+    Delivered(StepReply),
+    Chain(Result<StepResponse, NetError>),
+}
+
+/// Where a delivery for a step an entry node waits on must come from.
+pub(crate) struct Awaited {
+    /// The node of the hop that ends the chain.
+    pub from: String,
+    pub tx: std::sync::mpsc::Sender<Arrival>,
+}
+
+/// Sends a step from the entry node to `peer` whose chain ends at hop `end` on another node,
+/// and takes whichever comes first: that hop's delivered answer, or the chain's reply (an
+/// error, or the answer itself when it could not be delivered).
+fn send_expecting_delivery(
+    inner: &Arc<Inner>,
+    peer: PeerId,
+    end: usize,
+    req: StepRequest,
+) -> Result<StepResponse, NetError> {
+    let key = (req.request, req.start_pos, end as u32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let from = req.plan.hops[end].node.clone();
+    if let Ok(mut d) = inner.deliveries.lock() {
+        d.insert(
+            key,
+            Awaited {
+                from,
+                tx: tx.clone(),
+            },
+        );
+    }
+    struct Slot<'a>(&'a Inner, (u64, u32, u32));
+    impl Drop for Slot<'_> {
+        fn drop(&mut self) {
+            if let Ok(mut d) = self.0.deliveries.lock() {
+                d.remove(&self.1);
+            }
+        }
+    }
+    let _slot = Slot(inner, key);
+    let net = inner.net.clone();
+    inner.rt.spawn(async move {
+        let _ = tx.send(Arrival::Chain(net.step(peer, req).await));
+    });
+    match rx.recv() {
+        Ok(Arrival::Delivered(reply)) => Ok(Ok(reply)),
+        // The chain confirms a delivery only after this node took it, which the channel gives
+        // first: a bare confirmation means it went elsewhere.
+        Ok(Arrival::Chain(Ok(Ok(StepReply::Delivered)))) => Ok(Err(StepError::StateLost(
+            "the step's answer was delivered but did not arrive".into(),
+        ))),
+        Ok(Arrival::Chain(r)) => r,
+        Err(_) => Err(NetError::Stopped),
+    }
+}
+
+/// Takes an answer delivered to this (entry) node for a step it is waiting on.
+pub(crate) fn accept_delivery(inner: &Inner, peer: PeerId, d: Delivery) -> StepResponse {
+    let key = (d.request, d.start_pos, d.hop);
+    let waiting = inner.deliveries.lock().ok().and_then(|w| {
+        w.get(&key)
+            .filter(|a| a.from == peer.to_string())
+            .map(|a| a.tx.clone())
+    });
+    match waiting {
+        Some(tx) if tx.send(Arrival::Delivered(d.reply)).is_ok() => {
+            inner.deliveries_taken.fetch_add(1, Ordering::Relaxed);
+            Ok(StepReply::Delivered)
+        }
+        _ => Err(StepError::StateLost(
+            "no step of this node waits for that answer".into(),
+        )),
     }
 }
 
@@ -339,6 +503,9 @@ impl ClusterRunner {
                     result = handle_step(&self.inner, next);
                     continue;
                 }
+                Ok(StepReply::Delivered) => Err(Retry::Replay(
+                    "a hop confirmed an answer this node never received".into(),
+                )),
                 Err(StepError::NotReady(m)) => Err(Retry::Wait(m)),
                 Err(StepError::StateLost(m)) => Err(Retry::Replay(m)),
                 Err(StepError::Unreachable { peer, detail }) => Err(Retry::Drop(peer, detail)),

@@ -99,6 +99,7 @@ impl InferenceService for Node {
         let sent = serde_json::json!({
             "steps": self.inner.steps_sent.load(std::sync::atomic::Ordering::Relaxed),
             "bytes": self.inner.bytes_sent.load(std::sync::atomic::Ordering::Relaxed),
+            "answers_delivered_here": self.inner.deliveries_taken.load(std::sync::atomic::Ordering::Relaxed),
         });
         TopologyReport {
             nodes,

@@ -229,15 +229,44 @@ pub enum StepReply {
         /// Its input.
         hidden: WireTensor,
     },
+    /// The hop that ends this part of the chain sent its answer (`Done` or `Hidden`) to the
+    /// entry node directly (see [`Delivery`]); the chain only confirms it.
+    Delivered,
 }
 
 /// The reply to a step.
 pub type StepResponse = Result<StepReply, StepError>;
 
+/// An answer sent straight to the entry node by the hop that ends a chain of hops the entry
+/// does not run — the last hop, or the hop before the entry's own — instead of back through
+/// every hop before it: with hops A (entry) → B → C, the token goes C → A, one link, not
+/// C → B → A. The chain still answers (`Delivered`); an answer that cannot be delivered goes
+/// back along the chain as before.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// The request's id at the entry node.
+    pub request: u64,
+    /// The step's first position.
+    pub start_pos: u32,
+    /// The hop that answers.
+    pub hop: u32,
+    /// Its answer: `Done` or `Hidden`.
+    pub reply: StepReply,
+}
+
+/// What travels on a step stream towards a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StepMessage {
+    /// A step to run.
+    Step(StepRequest),
+    /// An answer for a step this node (the entry) sent.
+    Deliver(Delivery),
+}
+
 /// The control protocol.
 pub const CTL_PROTOCOL: StreamProtocol = StreamProtocol::new("/llmesh/ctl/1");
 /// The pipeline protocol.
-pub const STEP_PROTOCOL: StreamProtocol = StreamProtocol::new("/llmesh/step/2");
+pub const STEP_PROTOCOL: StreamProtocol = StreamProtocol::new("/llmesh/step/3");
 
 /// Length-prefixed postcard messages of bounded size.
 #[derive(Debug)]

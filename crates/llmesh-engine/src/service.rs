@@ -147,7 +147,9 @@ pub struct TopologyReport {
     pub links: Vec<serde_json::Value>,
     /// The pipeline requests take, in order (empty when the model runs whole on this node).
     pub plan: Vec<PlanHopReport>,
-    /// Traffic this node sent along pipelines: `steps` and `bytes` (activations and tokens).
+    /// Traffic this node sent along pipelines: `steps` and `bytes` (activations and tokens),
+    /// and `answers_delivered_here`: answers the hop ending a chain sent straight to this node
+    /// as a request's entry.
     pub sent: serde_json::Value,
 }
 
@@ -412,7 +414,7 @@ impl InferenceService for LocalService {
             }],
             links: Vec::new(),
             plan: Vec::new(),
-            sent: serde_json::json!({"steps": 0, "bytes": 0}),
+            sent: serde_json::json!({"steps": 0, "bytes": 0, "answers_delivered_here": 0}),
         }
     }
 

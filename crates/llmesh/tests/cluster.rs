@@ -117,6 +117,22 @@ fn three_nodes_on_loopback_answer_as_one_node() {
             );
         }
     }
+    // The hop that ends a chain the entry does not run sends its answer straight to the entry:
+    // with hops X → Y → Z, entry X takes Z's token and entry Z takes Y's activations; entry Y
+    // calls X and Z itself, so nothing is delivered there.
+    for n in &nodes {
+        let taken = n.get("/v1/topology").unwrap()["sent"]["answers_delivered_here"]
+            .as_u64()
+            .unwrap();
+        let middle = n.name == plans[0][1].0;
+        assert_eq!(
+            taken > 0,
+            !middle,
+            "{} took {taken} delivered answers; plan {:?}",
+            n.name,
+            plans[0]
+        );
+    }
     // Sampling with a seed gives the same text through every entry node.
     let sampled: Vec<String> = nodes
         .iter()
