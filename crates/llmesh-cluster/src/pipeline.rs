@@ -71,9 +71,9 @@ fn chain_end(req: &StepRequest, from: usize) -> usize {
 
 /// Whether this hop (not the entry node) was called by another hop rather than by the entry, so
 /// that its answer goes to the entry directly instead of back through the callers.
-fn answers_entry_directly(inner: &Inner, req: &StepRequest) -> bool {
+fn answers_entry_directly(me: &str, req: &StepRequest) -> bool {
     let hop = req.hop as usize;
-    inner.me_s != req.entry
+    me != req.entry
         && hop > 0
         && req
             .plan
@@ -85,7 +85,7 @@ fn answers_entry_directly(inner: &Inner, req: &StepRequest) -> bool {
 /// Runs one step at this node (hop `req.hop` of the plan) and, unless it is the last hop, the
 /// rest of the pipeline after it.
 pub(crate) fn run_step(inner: &Arc<Inner>, req: StepRequest) -> Answer {
-    let direct = answers_entry_directly(inner, &req);
+    let direct = answers_entry_directly(&inner.me_s, &req);
     let (request, start_pos, hop) = (req.request, req.start_pos, req.hop);
     let entry = req.entry.clone();
     match step_here(inner, req) {
@@ -658,6 +658,82 @@ impl Drop for ClusterRunner {
     fn drop(&mut self) {
         for (request, plan) in std::mem::take(&mut self.used) {
             self.release(request, &plan);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::partition::Hop;
+
+    fn step(entry: &str, nodes: &[&str], hop: usize) -> StepRequest {
+        StepRequest {
+            entry: entry.into(),
+            request: 1,
+            model: String::new(),
+            plan: Plan {
+                hops: nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| Hop {
+                        node: (*n).into(),
+                        start: i,
+                        end: i + 1,
+                    })
+                    .collect(),
+            },
+            hop: hop as u32,
+            start_pos: 0,
+            tokens: vec![],
+            hidden: None,
+            sample: false,
+            head: None,
+        }
+    }
+
+    /// Walks a step through a plan as the nodes do, and checks that the entry waits for a
+    /// delivery exactly when the hop that ends the chain sends one, and that every answer
+    /// reaches the entry over one link: directly, or from a hop the entry called itself.
+    #[test]
+    fn the_entry_expects_a_delivery_exactly_when_the_chain_end_sends_one() {
+        let plans: [&[&str]; 6] = [
+            &["a", "b"],
+            &["b", "a"],
+            &["a", "b", "c"],
+            &["b", "a", "c"],
+            &["b", "c", "a"],
+            &["b", "c", "d", "a", "e"],
+        ];
+        for nodes in plans {
+            for entry in ["a", "z"] {
+                // The hops the entry sends to: the first remote one, and each one after a hop
+                // of its own.
+                let mut from = 0;
+                while from < nodes.len() {
+                    if nodes[from] == entry {
+                        from += 1;
+                        continue;
+                    }
+                    let req = step(entry, nodes, from);
+                    let end = chain_end(&req, from);
+                    let expects = end > from;
+                    for h in from..=end {
+                        let at = step(entry, nodes, h);
+                        let last_of_chain = h == end;
+                        assert_eq!(
+                            answers_entry_directly(nodes[h], &at) && last_of_chain,
+                            expects && last_of_chain,
+                            "{nodes:?} entry {entry} from {from} hop {h}"
+                        );
+                        // A hop inside the chain is never told to deliver unless it ends it.
+                        if !last_of_chain {
+                            assert!(nodes[h + 1] != entry);
+                        }
+                    }
+                    from = end + 1;
+                }
+            }
         }
     }
 }
