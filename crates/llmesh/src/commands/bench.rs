@@ -456,10 +456,18 @@ fn cluster(args: &BenchArgs, model: &Path, n: usize, threads: usize) -> Result<(
     }
     drop(clusters);
     let _ = std::fs::remove_dir_all(&tmp);
-    let ratio = rows[1]["decode_tokens_per_s"].as_f64().unwrap_or(0.0)
-        / rows[0]["decode_tokens_per_s"].as_f64().unwrap_or(1.0);
+    // Each round measures both clusters back to back: the ratio within a round cancels the
+    // machine's drift over minutes, and the median over rounds discards a disturbed one.
+    let (ratio, ratio_lo, ratio_hi) = median_spread(
+        times[0]
+            .iter()
+            .zip(&times[1])
+            .map(|(one, n)| one.1 / n.1)
+            .collect(),
+    );
     let out = json!({"model": model.display().to_string(), "threads": threads, "prompt_tokens": args.prompt_tokens,
-        "gen_tokens": args.gen_tokens, "repeat": args.repeat, "runs": rows, "decode_ratio": ratio});
+        "gen_tokens": args.gen_tokens, "repeat": args.repeat, "runs": rows, "decode_ratio": ratio,
+        "decode_ratio_range": [ratio_lo, ratio_hi]});
     if args.json {
         println!("{out}");
     } else {
@@ -484,7 +492,10 @@ fn cluster(args: &BenchArgs, model: &Path, n: usize, threads: usize) -> Result<(
                 r["bytes_per_hop_per_token"].as_f64().unwrap_or(0.0)
             );
         }
-        println!("decode speed, {n} nodes ÷ 1 node: {ratio:.3}");
+        println!(
+            "decode speed, {n} nodes ÷ 1 node: {ratio:.3} (median of the {} rounds' ratios; min {ratio_lo:.3}, max {ratio_hi:.3})",
+            args.repeat
+        );
     }
     Ok(())
 }
