@@ -259,7 +259,7 @@ mod tests {
     /// One new position (the last of `positions.end` cached) attending over `positions`: the
     /// window is the range's length.
     #[allow(clippy::too_many_arguments)]
-    fn attend_one_with(
+    fn attend_one(
         backend: Backend,
         shape: AttnShape,
         q: &[f32],
@@ -282,18 +282,6 @@ mod tests {
             scale,
             out,
         )
-    }
-
-    fn attend_one(
-        shape: AttnShape,
-        q: &[f32],
-        keys: &[f32],
-        values: &[f32],
-        positions: std::ops::Range<usize>,
-        scale: f32,
-        out: &mut [f32],
-    ) -> Result<(), KernelError> {
-        attend_one_with(Backend::Auto, shape, q, keys, values, positions, scale, out)
     }
 
     /// Attention in f64, the plain way: scores, softmax, weighted sum, head by head.
@@ -377,7 +365,7 @@ mod tests {
             for backend in [Backend::Auto, Backend::Portable] {
                 let mut out = vec![f32::NAN; heads * d];
                 let p = positions.clone();
-                attend_one_with(backend, shape, &q, &keys, &vals, p, scale, &mut out).unwrap();
+                attend_one(backend, shape, &q, &keys, &vals, p, scale, &mut out).unwrap();
                 for (j, (a, b)) in out.iter().zip(&want).enumerate() {
                     assert!(
                         (a - b).abs() <= 1e-5 + 1e-4 * b.abs(),
@@ -465,7 +453,7 @@ mod tests {
         let mut keys = values(40, 2);
         let mut vals = values(40, 3);
         let mut a = vec![0f32; 8];
-        attend_one(shape, &q, &keys, &vals, 3..7, 0.5, &mut a).unwrap();
+        attend_one(Backend::Auto, shape, &q, &keys, &vals, 3..7, 0.5, &mut a).unwrap();
         for p in (0..3).chain(7..10) {
             for i in 0..4 {
                 keys[p * 4 + i] = f32::NAN;
@@ -473,7 +461,7 @@ mod tests {
             }
         }
         let mut b = vec![0f32; 8];
-        attend_one(shape, &q, &keys, &vals, 3..7, 0.5, &mut b).unwrap();
+        attend_one(Backend::Auto, shape, &q, &keys, &vals, 3..7, 0.5, &mut b).unwrap();
         assert_eq!(a, b);
     }
 
@@ -488,7 +476,7 @@ mod tests {
         let (q, kv, mut out) = (vec![0f32; 16], vec![0f32; 64], vec![0f32; 16]);
         let run =
             |s: AttnShape, q: &[f32], kv: &[f32], p: std::ops::Range<usize>, o: &mut [f32]| {
-                attend_one(s, q, kv, kv, p, 1.0, o)
+                attend_one(Backend::Auto, s, q, kv, kv, p, 1.0, o)
             };
         assert!(run(shape, &q, &kv, 0..8, &mut out).is_ok());
         assert!(
