@@ -82,7 +82,6 @@ class WebDriver:
 
 
 def main():
-    work = tempfile.mkdtemp(prefix="llmesh-ui-")
     with Server(model=None) as server:  # the built-in demo model, as a newcomer sees it
         wd = WebDriver()
         try:

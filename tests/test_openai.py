@@ -44,7 +44,11 @@ def expect_error(name, cls, fn, code=None):
 
 
 def main():
-    work = tempfile.mkdtemp(prefix="llmesh-openai-")
+    with tempfile.TemporaryDirectory(prefix="llmesh-openai-") as work:
+        return check_all(work)
+
+
+def check_all(work):
     model_dir = make_model(os.path.join(work, "tiny-llama"))
     with Server(model=model_dir, api_key=KEY) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)

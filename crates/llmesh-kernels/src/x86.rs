@@ -491,52 +491,56 @@ pub(crate) unsafe fn q4kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f
                 |v: __m256i| _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 6), m3), 4);
             let sc_hi = _mm256_or_si256(_mm256_and_si256(c, m4), top(a));
             let mn_hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), m4), top(b));
-            let mut scv = [_mm256_setzero_si256(); 8];
-            let mut mnv = [_mm256_setzero_si256(); 8];
-            for j in 0..4 {
-                scv[j] = _mm256_shuffle_epi8(sc_lo, ctrl[j]);
-                scv[j + 4] = _mm256_shuffle_epi8(sc_hi, ctrl[j]);
-                mnv[j] = _mm256_shuffle_epi8(mn_lo, ctrl[j]);
-                mnv[j + 4] = _mm256_shuffle_epi8(mn_hi, ctrl[j]);
-            }
+            let scale = |j: usize| {
+                let v = if j < 4 { sc_lo } else { sc_hi };
+                _mm256_shuffle_epi8(v, ctrl[j % 4])
+            };
             let codes = blk.add(128);
-            // Each sub-block's codes are unpacked once (eight registers) and serve all M
-            // activation rows.
+            // Sub-blocks 2ch and 2ch + 1 share their code bytes (low and high nibbles): each
+            // code vector is loaded once for both and serves all M activation rows.
             let mut isum = [_mm256_setzero_si256(); M];
-            for j in 0..8 {
-                let (ch, high) = (j / 2, j % 2 == 1);
-                let mut cv = [_mm256_setzero_si256(); 8];
-                for (q, c) in cv.iter_mut().enumerate() {
+            for ch in 0..4 {
+                let mut s_lo = [_mm256_setzero_si256(); M];
+                let mut s_hi = [_mm256_setzero_si256(); M];
+                for q in 0..8 {
                     let v = _mm256_loadu_si256(codes.add(32 * (8 * ch + q)) as *const __m256i);
-                    *c = if high {
-                        _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)
-                    } else {
-                        _mm256_and_si256(v, m4)
-                    };
-                }
-                for r in 0..M {
-                    let x = xs[r].q.as_ptr().add(256 * sb + 32 * j);
-                    let mut s16 = _mm256_setzero_si256();
-                    for (q, c) in cv.iter().enumerate() {
-                        let xb =
-                            _mm256_set1_epi32(std::ptr::read_unaligned(x.add(4 * q) as *const i32));
+                    let lo = _mm256_and_si256(v, m4);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                    for r in 0..M {
+                        let x = xs[r].q.as_ptr().add(256 * sb + 64 * ch + 4 * q);
+                        let x_lo = _mm256_set1_epi32(std::ptr::read_unaligned(x as *const i32));
+                        let x_hi =
+                            _mm256_set1_epi32(std::ptr::read_unaligned(x.add(32) as *const i32));
                         // Codes are 0..15 and |x| <= 127: eight pair sums stay within i16.
-                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*c, xb));
+                        s_lo[r] = _mm256_add_epi16(s_lo[r], _mm256_maddubs_epi16(lo, x_lo));
+                        s_hi[r] = _mm256_add_epi16(s_hi[r], _mm256_maddubs_epi16(hi, x_hi));
                     }
-                    isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(s16, scv[j]));
+                }
+                let (sc_a, sc_b) = (scale(2 * ch), scale(2 * ch + 1));
+                for r in 0..M {
+                    let p = _mm256_add_epi32(
+                        _mm256_madd_epi16(s_lo[r], sc_a),
+                        _mm256_madd_epi16(s_hi[r], sc_b),
+                    );
+                    isum[r] = _mm256_add_epi32(isum[r], p);
                 }
             }
+            // Each row's mins against the activations' 32-value sums: a sub-block's min (twice
+            // in its lane) times its two 16-value sums, with no scalar arithmetic.
+            let mins = |j: usize| {
+                let v = if j < 4 { mn_lo } else { mn_hi };
+                _mm256_shuffle_epi8(v, ctrl[j % 4])
+            };
             for r in 0..M {
-                let isum = isum[r];
                 let bs = xs[r].bsums.as_ptr().add(16 * sb);
                 let mut msum = _mm256_setzero_si256();
-                for (j, mn) in mnv.iter().enumerate() {
-                    let b32 = i32::from(*bs.add(2 * j)) + i32::from(*bs.add(2 * j + 1));
-                    let pair = _mm256_set1_epi32(b32 & 0xffff);
-                    msum = _mm256_add_epi32(msum, _mm256_madd_epi16(*mn, pair));
+                for j in 0..8 {
+                    let pair =
+                        _mm256_set1_epi32(std::ptr::read_unaligned(bs.add(2 * j) as *const i32));
+                    msum = _mm256_add_epi32(msum, _mm256_madd_epi16(mins(j), pair));
                 }
                 let dx = _mm256_set1_ps(*xs[r].d.get_unchecked(sb));
-                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(isum), acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(isum[r]), acc[r]);
                 acc[r] =
                     _mm256_fnmadd_ps(_mm256_mul_ps(dmin, dx), _mm256_cvtepi32_ps(msum), acc[r]);
             }
@@ -546,14 +550,21 @@ pub(crate) unsafe fn q4kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f
 }
 
 /// Eight interleaved Q6_K rows against `M` activation rows (as [`q4_0x8`]; layout in
-/// `repack`). Element `l` of each 32-value quarter `g` of a half `n` takes its low four bits
-/// from low-bits byte `64n + l` (`g` 0, 2) or `64n + 32 + l` (`g` 1, 3), low or high nibble,
-/// and its top two bits from bits `2g` of high-bits byte `32n + l`.
+/// `repack`). For each half `n` of a super-block and run `c` of four positions, three vectors
+/// X, Y, Z hold the four quarters' codes of the eight rows (`repack::q6k_xyz`): quarter 0 is
+/// X's low six bits, quarter 1 Y's, quarter 2 Z's low nibble under X's top two bits, quarter 3
+/// Z's high nibble under Y's top two bits.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn q6kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f32; 8]; M] {
     let nsb = g.len() / 1680;
     let m4 = _mm256_set1_epi8(0x0f);
+    let m63 = _mm256_set1_epi8(63);
     let m30 = _mm256_set1_epi8(0x30);
+    // Zips the two 4 × i16 halves of each 128-bit lane: [a0..a4, b0..b4] → [a0, b0, a1, b1, ..].
+    let zip = _mm256_setr_epi8(
+        0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15, 0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12,
+        13, 6, 7, 14, 15,
+    );
     let mut acc = [_mm256_setzero_ps(); M];
     for sb in 0..nsb {
         // SAFETY: super-block column `sb` lies within `g`; activation rows hold nsb * 256
@@ -563,35 +574,36 @@ pub(crate) unsafe fn q6kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f
             prefetch_ahead(blk, 1680);
             let d = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
             // Sub-scale j of the eight rows, each row's value twice in its 32-bit lane (the
-            // form `madd` needs against pair sums).
+            // form `madd` needs against pair sums), and sub-scales 2p, 2p + 1 side by side in
+            // each row's lane (against a pair of 16-value activation sums).
             let mut scv = [_mm256_setzero_si256(); 16];
-            for (j, v) in scv.iter_mut().enumerate() {
-                let s = _mm_cvtepi8_epi16(_mm_loadl_epi64(blk.add(16 + 8 * j) as *const __m128i));
-                *v = _mm256_set_m128i(_mm_unpackhi_epi16(s, s), _mm_unpacklo_epi16(s, s));
+            let mut pairs = [_mm256_setzero_si256(); 8];
+            for p in 0..8 {
+                let s =
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(16 + 16 * p) as *const __m128i));
+                // Lane 0: scales 2p and 2p + 1 of rows 0..4; lane 1: of rows 4..8.
+                let t = _mm256_permute4x64_epi64::<0b11_01_10_00>(s);
+                scv[2 * p] = _mm256_unpacklo_epi16(t, t);
+                scv[2 * p + 1] = _mm256_unpackhi_epi16(t, t);
+                pairs[p] = _mm256_shuffle_epi8(t, zip);
             }
-            let ql = blk.add(144);
-            let qh = blk.add(1168);
+            let codes = blk.add(144);
             let mut isum = [_mm256_setzero_si256(); M];
             for n in 0..2 {
                 for cp in 0..4 {
-                    // Elements 8cp..8cp+8 of each quarter: two chunks of four per row.
-                    let mut codes = [[_mm256_setzero_si256(); 4]; 2];
-                    for (h, cs) in codes.iter_mut().enumerate() {
-                        let c = 2 * cp + h;
-                        let a = _mm256_loadu_si256(ql.add(32 * (16 * n + c)) as *const __m256i);
-                        let b = _mm256_loadu_si256(ql.add(32 * (16 * n + 8 + c)) as *const __m256i);
-                        let hb = _mm256_loadu_si256(qh.add(32 * (8 * n + c)) as *const __m256i);
-                        let top = |v: __m256i| _mm256_and_si256(v, m30);
-                        cs[0] =
-                            _mm256_or_si256(_mm256_and_si256(a, m4), top(_mm256_slli_epi16(hb, 4)));
-                        cs[1] =
-                            _mm256_or_si256(_mm256_and_si256(b, m4), top(_mm256_slli_epi16(hb, 2)));
-                        cs[2] =
-                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), m4), top(hb));
-                        cs[3] = _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16(b, 4), m4),
-                            top(_mm256_srli_epi16(hb, 2)),
-                        );
+                    // Positions 8cp..8cp+8 of each quarter: two runs of four per row.
+                    let mut cs = [[_mm256_setzero_si256(); 4]; 2];
+                    for (h, cs) in cs.iter_mut().enumerate() {
+                        let at = codes.add(96 * (8 * n + 2 * cp + h));
+                        let x = _mm256_loadu_si256(at as *const __m256i);
+                        let y = _mm256_loadu_si256(at.add(32) as *const __m256i);
+                        let z = _mm256_loadu_si256(at.add(64) as *const __m256i);
+                        let top = |v: __m256i| _mm256_and_si256(_mm256_srli_epi16(v, 2), m30);
+                        cs[0] = _mm256_and_si256(x, m63);
+                        cs[1] = _mm256_and_si256(y, m63);
+                        cs[2] = _mm256_or_si256(_mm256_and_si256(z, m4), top(x));
+                        cs[3] =
+                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(z, 4), m4), top(y));
                     }
                     for r in 0..M {
                         let x = xs[r].q.as_ptr().add(256 * sb + 128 * n + 8 * cp);
@@ -603,8 +615,8 @@ pub(crate) unsafe fn q6kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f
                             ));
                             // Codes are 0..63 and |x| <= 127: two pair sums stay within i16.
                             let s16 = _mm256_add_epi16(
-                                _mm256_maddubs_epi16(codes[0][q], x0),
-                                _mm256_maddubs_epi16(codes[1][q], x1),
+                                _mm256_maddubs_epi16(cs[0][q], x0),
+                                _mm256_maddubs_epi16(cs[1][q], x1),
                             );
                             let j = 8 * n + 2 * q + cp / 2;
                             isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(s16, scv[j]));
@@ -612,13 +624,15 @@ pub(crate) unsafe fn q6kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f
                     }
                 }
             }
-            // The codes carry an offset of 32: subtract 32 × Σ scale × (sum of 16 activations).
+            // The codes carry an offset of 32: subtract 32 × Σ scale × (sum of 16 activations),
+            // two sub-blocks per multiply-add.
             for r in 0..M {
                 let bs = xs[r].bsums.as_ptr().add(16 * sb);
                 let mut off = _mm256_setzero_si256();
-                for (j, sc) in scv.iter().enumerate() {
-                    let b = _mm256_set1_epi32(i32::from(*bs.add(j)) & 0xffff);
-                    off = _mm256_add_epi32(off, _mm256_madd_epi16(*sc, b));
+                for (p, pair) in pairs.iter().enumerate() {
+                    let b =
+                        _mm256_set1_epi32(std::ptr::read_unaligned(bs.add(2 * p) as *const i32));
+                    off = _mm256_add_epi32(off, _mm256_madd_epi16(*pair, b));
                 }
                 let s = _mm256_sub_epi32(isum[r], _mm256_slli_epi32(off, 5));
                 let dx = _mm256_set1_ps(*xs[r].d.get_unchecked(sb));
