@@ -525,8 +525,8 @@ pub(crate) unsafe fn q4kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f
                     isum[r] = _mm256_add_epi32(isum[r], p);
                 }
             }
-            // Each row's mins against the activations' 32-value sums: a sub-block's min (twice
-            // in its lane) times its two 16-value sums, with no scalar arithmetic.
+            // Each row's mins: a sub-block's min (twice in its lane) times the activations' two
+            // 16-value sums over that sub-block, one multiply-add, no scalar arithmetic.
             let mins = |j: usize| {
                 let v = if j < 4 { mn_lo } else { mn_hi };
                 _mm256_shuffle_epi8(v, ctrl[j % 4])
@@ -560,7 +560,7 @@ pub(crate) unsafe fn q6kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f
     let m4 = _mm256_set1_epi8(0x0f);
     let m63 = _mm256_set1_epi8(63);
     let m30 = _mm256_set1_epi8(0x30);
-    // Zips the two 4 × i16 halves of each 128-bit lane: [a0..a4, b0..b4] → [a0, b0, a1, b1, ..].
+    // Zips the two 4 × i16 halves of each 128-bit lane: [a0..=a3, b0..=b3] → [a0, b0, a1, b1, ..].
     let zip = _mm256_setr_epi8(
         0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15, 0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12,
         13, 6, 7, 14, 15,
