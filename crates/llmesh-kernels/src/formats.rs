@@ -86,6 +86,20 @@ pub(crate) fn half_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
+/// The four unsigned 6-bit codes (0..64, offset by 32) at position `l` (0..32) of a Q6_K half
+/// super-block, one per quarter (elements `l`, `l + 32`, `l + 64`, `l + 96` of the half), from
+/// the half's 64 low-bits bytes `ql` and 32 high-bits bytes `qh`.
+#[inline]
+pub(crate) fn q6k_codes(ql: &[u8], qh: &[u8], l: usize) -> [u8; 4] {
+    let (a, b, h) = (ql[l], ql[l + 32], qh[l]);
+    [
+        (a & 0x0f) | (h & 3) << 4,
+        (b & 0x0f) | (h >> 2 & 3) << 4,
+        (a >> 4) | (h >> 4 & 3) << 4,
+        (b >> 4) | (h >> 6 & 3) << 4,
+    ]
+}
+
 /// The 6-bit scale and min of sub-block `j` (0..8) of a Q4_K super-block's 12 scale bytes.
 #[inline]
 pub(crate) fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
@@ -164,15 +178,10 @@ pub fn dequantize_row(ty: QType, row: &[u8], out: &mut [f32]) {
                     let o = &mut o[128 * half..128 * half + 128];
                     for l in 0..32 {
                         let is = l / 16;
-                        let q1 = i32::from((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) - 32;
-                        let q2 = i32::from((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) - 32;
-                        let q3 = i32::from((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
-                        let q4 = i32::from((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
-                        let s = |k: usize| d * f32::from(sc[k] as i8);
-                        o[l] = s(is) * q1 as f32;
-                        o[l + 32] = s(is + 2) * q2 as f32;
-                        o[l + 64] = s(is + 4) * q3 as f32;
-                        o[l + 96] = s(is + 6) * q4 as f32;
+                        for (g, code) in q6k_codes(ql, qh, l).into_iter().enumerate() {
+                            let scale = d * f32::from(sc[is + 2 * g] as i8);
+                            o[l + 32 * g] = scale * (i32::from(code) - 32) as f32;
+                        }
                     }
                 }
             }

@@ -2,7 +2,7 @@
 //! without a SIMD path (and as a second implementation the tests compare with).
 
 use crate::act::ActRow;
-use crate::formats::{QType, half_at, q4k_scale_min};
+use crate::formats::{QType, half_at, q4k_scale_min, q6k_codes};
 
 /// The dot product of one stored weight row with one activation row.
 pub(crate) fn dot(ty: QType, w: &[u8], x: ActRow<'_>) -> f32 {
@@ -84,14 +84,9 @@ pub(crate) fn dot(ty: QType, w: &[u8], x: ActRow<'_>) -> f32 {
                     let mut s = [0i32; 8];
                     for l in 0..32 {
                         let is = l / 16;
-                        let q1 = (ql[l] & 0x0f) | ((qh[l] & 3) << 4);
-                        let q2 = (ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4);
-                        let q3 = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
-                        let q4 = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
-                        s[is] += i32::from(q1) * i32::from(xq[l]);
-                        s[is + 2] += i32::from(q2) * i32::from(xq[l + 32]);
-                        s[is + 4] += i32::from(q3) * i32::from(xq[l + 64]);
-                        s[is + 6] += i32::from(q4) * i32::from(xq[l + 96]);
+                        for (g, code) in q6k_codes(ql, qh, l).into_iter().enumerate() {
+                            s[is + 2 * g] += i32::from(code) * i32::from(xq[l + 32 * g]);
+                        }
                     }
                     for k in 0..8 {
                         let scale = i32::from(sc[k] as i8);

@@ -71,13 +71,7 @@ fn q6k_xyz(codes: &[u8]) -> [u8; 192] {
     let mut out = [0u8; 192];
     for n in 0..2 {
         for l in 0..32 {
-            let (a, b, h) = (ql[64 * n + l], ql[64 * n + 32 + l], qh[32 * n + l]);
-            let code = [
-                (a & 15) | (h & 3) << 4,
-                (b & 15) | (h >> 2 & 3) << 4,
-                (a >> 4) | (h >> 4 & 3) << 4,
-                (b >> 4) | (h >> 6) << 4,
-            ];
+            let code = crate::formats::q6k_codes(&ql[64 * n..], &qh[32 * n..], l);
             let at = 96 * n + 12 * (l / 4) + l % 4;
             out[at] = code[0] | (code[2] >> 4) << 6;
             out[at + 4] = code[1] | (code[3] >> 4) << 6;
@@ -129,7 +123,8 @@ pub(crate) fn pack8(ty: QType, src: &[u8], row_bytes: usize, dst: &mut [u8]) {
     let bb = ty.block_bytes();
     let nb = row_bytes / bb;
     let spans: Vec<_> = (0..8).map(|r| spans(ty, r)).collect();
-    let mut moved = [0u8; 210];
+    // A Q6_K block with its codes in the kernel's order (`q6k_xyz`).
+    let mut moved = vec![0u8; bb];
     for b in 0..nb {
         let out = &mut dst[b * 8 * bb..(b + 1) * 8 * bb];
         for (r, sp) in spans.iter().enumerate() {

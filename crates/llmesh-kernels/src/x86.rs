@@ -491,9 +491,9 @@ pub(crate) unsafe fn q4kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f
                 |v: __m256i| _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 6), m3), 4);
             let sc_hi = _mm256_or_si256(_mm256_and_si256(c, m4), top(a));
             let mn_hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), m4), top(b));
-            let scale = |j: usize| {
-                let v = if j < 4 { sc_lo } else { sc_hi };
-                _mm256_shuffle_epi8(v, ctrl[j % 4])
+            // Sub-block j's byte of each row, twice in the row's 32-bit lane.
+            let spread = |lo: __m256i, hi: __m256i, j: usize| {
+                _mm256_shuffle_epi8(if j < 4 { lo } else { hi }, ctrl[j % 4])
             };
             let codes = blk.add(128);
             // Sub-blocks 2ch and 2ch + 1 share their code bytes (low and high nibbles): each
@@ -516,7 +516,10 @@ pub(crate) unsafe fn q4kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f
                         s_hi[r] = _mm256_add_epi16(s_hi[r], _mm256_maddubs_epi16(hi, x_hi));
                     }
                 }
-                let (sc_a, sc_b) = (scale(2 * ch), scale(2 * ch + 1));
+                let (sc_a, sc_b) = (
+                    spread(sc_lo, sc_hi, 2 * ch),
+                    spread(sc_lo, sc_hi, 2 * ch + 1),
+                );
                 for r in 0..M {
                     let p = _mm256_add_epi32(
                         _mm256_madd_epi16(s_lo[r], sc_a),
@@ -527,17 +530,13 @@ pub(crate) unsafe fn q4kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f
             }
             // Each row's mins: a sub-block's min (twice in its lane) times the activations' two
             // 16-value sums over that sub-block, one multiply-add, no scalar arithmetic.
-            let mins = |j: usize| {
-                let v = if j < 4 { mn_lo } else { mn_hi };
-                _mm256_shuffle_epi8(v, ctrl[j % 4])
-            };
             for r in 0..M {
                 let bs = xs[r].bsums.as_ptr().add(16 * sb);
                 let mut msum = _mm256_setzero_si256();
                 for j in 0..8 {
                     let pair =
                         _mm256_set1_epi32(std::ptr::read_unaligned(bs.add(2 * j) as *const i32));
-                    msum = _mm256_add_epi32(msum, _mm256_madd_epi16(mins(j), pair));
+                    msum = _mm256_add_epi32(msum, _mm256_madd_epi16(spread(mn_lo, mn_hi, j), pair));
                 }
                 let dx = _mm256_set1_ps(*xs[r].d.get_unchecked(sb));
                 acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(isum[r]), acc[r]);
