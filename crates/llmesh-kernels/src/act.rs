@@ -75,7 +75,7 @@ pub(crate) fn pack_tiles(m: usize) -> Vec<(usize, usize)> {
 
 /// Whether a product of `m` rows of type `ty` reads packed activations.
 pub(crate) fn packs(ty: QType, m: usize, simd: bool) -> bool {
-    simd && m >= 4 && matches!(ty, QType::F16 | QType::BF16)
+    cfg!(target_arch = "x86_64") && simd && m >= 4 && matches!(ty, QType::F16 | QType::BF16)
 }
 
 /// One activation row's parts.
@@ -85,6 +85,8 @@ pub(crate) struct ActRow<'a> {
     pub q: &'a [i8],
     pub d: &'a [f32],
     pub bsums: &'a [i16],
+    /// Only the interleaved x86 Q4_0 kernel reads these.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub sums: &'a [i32],
 }
 
@@ -106,8 +108,9 @@ impl<'a> Acts<'a> {
             ActKind::Q8 => {
                 a.q = vec![0; x.len()];
                 a.d = vec![0.0; x.len() / 32];
-                // Only Q4_0's codes carry an offset that needs the block sums.
-                if ty == QType::Q4_0 {
+                // Only Q4_0's codes carry an offset, and only the interleaved x86 kernel
+                // takes it off with the block sums (the others subtract it from the codes).
+                if ty == QType::Q4_0 && cfg!(target_arch = "x86_64") {
                     a.sums = vec![0; x.len() / 32];
                 }
                 quantize_blocks(x, &mut a.q, &mut a.d, 32, Sums::Of32(&mut a.sums), simd);

@@ -5,8 +5,8 @@
 //! * Weights are never widened: each kernel reads the blocks as stored (no second copy in
 //!   memory, and the fewest bytes read per token, which is what decode speed is bound by).
 //! * Activations are quantised to 8 bits once per product for the quantized types, so the inner
-//!   loops are integer dot products (SIMD on x86-64 with AVX2/FMA/F16C; a portable path
-//!   elsewhere).
+//!   loops are integer dot products (SIMD on x86-64 with AVX2/FMA/F16C and on AArch64 with
+//!   NEON; a portable path elsewhere).
 //! * Rows of `W` are split between the threads of rayon's global pool; for a prompt (`m > 1`)
 //!   each weight row is unpacked once for four activation rows at a time, and a thread's block
 //!   of weight rows is reused for a tile of activation rows while it is in cache.
@@ -15,6 +15,8 @@ mod act;
 mod attention;
 mod elementwise;
 mod formats;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 mod portable;
 mod repack;
 #[cfg(target_arch = "x86_64")]
@@ -28,7 +30,7 @@ pub use attention::{AttnShape, attend_causal};
 pub use elementwise::silu_mul;
 pub use formats::{QType, dequantize_row};
 
-use act::{ActRow, Acts, pack_tiles};
+use act::{ActRow, Acts};
 
 /// What can be wrong with a matrix or a product's operands.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -88,7 +90,12 @@ fn simd_available() -> bool {
         {
             x86::available()
         }
-        #[cfg(not(target_arch = "x86_64"))]
+        // NEON is part of every AArch64 CPU.
+        #[cfg(target_arch = "aarch64")]
+        {
+            true
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         {
             false
         }
@@ -292,7 +299,7 @@ impl QMatrix {
             grouped: 0,
             data,
         };
-        if simd_available() && repack::interleaves(ty) {
+        if cfg!(target_arch = "x86_64") && simd_available() && repack::interleaves(ty) {
             m.interleave();
         }
         Ok(m)
@@ -442,7 +449,7 @@ impl QMatrix {
                 if j < self.grouped && simd {
                     // Float groups take 8 activation rows per tile (enough independent
                     // multiply-adds to hide their latency), integer groups 4.
-                    if self.float_kind().is_some() {
+                    if matches!(self.ty, QType::F32 | QType::F16 | QType::BF16) {
                         self.group_tile::<8>(j / 8, acts, i0..i1, out, jj);
                     } else {
                         self.group_tile::<4>(j / 8, acts, i0..i1, out, jj);
@@ -496,7 +503,7 @@ impl QMatrix {
         }
         let end = rows.start + 16 * panels;
         let k = self.cols;
-        let tiles = pack_tiles(m);
+        let tiles = act::pack_tiles(m);
         let mut buf = vec![0f32; 16 * PANEL_COLS.min(k)];
         // Each panel's half-precision columns, in the order they are widened.
         let steps: Vec<(usize, usize)> = (0..k)
@@ -547,16 +554,6 @@ impl QMatrix {
             }
         }
         end
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    fn float_kind(&self) -> Option<x86::Float> {
-        match self.ty {
-            QType::F32 => Some(x86::Float::F32),
-            QType::F16 => Some(x86::Float::F16),
-            QType::BF16 => Some(x86::Float::BF16),
-            _ => None,
-        }
     }
 
     /// Group `g` against activation rows `is`, `T` rows per tile and one at a time for the
@@ -628,6 +625,10 @@ impl QMatrix {
                     QType::BF16 => x86::float::<M>(x86::Float::BF16, w, xs),
                 }
             };
+        }
+        #[cfg(target_arch = "aarch64")]
+        if simd {
+            return neon::dots::<M>(self.ty, w, xs);
         }
         let _ = simd;
         xs.map(|x| portable::dot(self.ty, w, x))
