@@ -3,7 +3,7 @@
 
 Three nodes in three network namespaces on a bridge, made unequal:
   node    CPU (cgroup v1 cpu.cfs_quota_us,   memory (memory.limit_in_bytes)   link (tc tbf)
-          per 10 ms cpu.cfs_period_us)
+          per 4 ms cpu.cfs_period_us)
   fast    100% of a core                      --mem each (default 110 MiB)     1 Gbit/s
   medium   50% of a core                      same                             200 Mbit/s
   slow     25% of a core                      same                             200 Mbit/s
@@ -29,12 +29,15 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# CPU quotas per period of CFS_PERIOD_US. The period is 10 ms rather than the kernel's default
-# 100 ms: with 100 ms, a node whose share of each token's work stays under its quota runs at full
-# speed in bursts (a 25% node computes 25 ms flat out, then stops), so it is slow only when busy;
-# with 10 ms it is slowed evenly, as a slower device is.
-CFS_PERIOD_US = 10000
-NODES = [("fast", 10000, "1gbit"), ("medium", 5000, "200mbit"), ("slow", 2500, "200mbit")]
+# CPU quotas per period of CFS_PERIOD_US. The period is 4 ms, the shortest that still gives the
+# 25% node the kernel's minimum quota of 1 ms, rather than the default 100 ms. A node's work per
+# token is a few milliseconds: with a long period a node whose share stays under its quota runs
+# it at full speed in a burst and then stops (a 25% node computes 25 ms of a 100 ms period flat
+# out), so it is slow only when busy for longer than that, and whether a token's work meets a
+# fresh quota or an exhausted one decides its time. The shorter the period, the more evenly a
+# node is slowed, as a slower device is.
+CFS_PERIOD_US = 4000
+NODES = [("fast", 4000, "1gbit"), ("medium", 2000, "200mbit"), ("slow", 1000, "200mbit")]
 SUBNET = "10.232.7"
 BRIDGE = "llhomebr"
 

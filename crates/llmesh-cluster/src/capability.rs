@@ -120,7 +120,7 @@ pub fn advert(
     };
     // Sizes in memory, from the configuration (quantized files: from the file's tensor sizes).
     let (layer_bytes, first_bytes, last_bytes) = sizes(files);
-    let kv_bytes_per_token_layer = (2 * cfg.num_kv_heads * cfg.head_dim * 4) as u64;
+    let kv_bytes_per_token_layer = cfg.kv_bytes_per_position_layer(files.kv_type()) as u64;
     Ok(ModelAdvert {
         id: id.to_string(),
         fingerprint: fp,

@@ -217,6 +217,11 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// Bytes of KV cache one position takes in one layer, stored as `kv`.
+    pub fn kv_bytes_per_position_layer(&self, kv: crate::KvType) -> usize {
+        2 * self.num_kv_heads * self.head_dim * kv.size_in_bytes()
+    }
+
     /// Checks internal consistency; `path` names the file the values came from.
     pub fn validate(&self, path: &Path) -> Result<()> {
         let positive = [

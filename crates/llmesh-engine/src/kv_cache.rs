@@ -5,6 +5,57 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 
+/// How a cache stores keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvType {
+    /// 4 bytes a value, exactly what the layer computed.
+    #[default]
+    F32,
+    /// 2 bytes a value (half the memory, and half the bytes a long context's attention
+    /// reads), rounded to f16 as written (llama.cpp's default). The rounding magnifies the
+    /// last-bit differences between a prompt computed in one pass and the same positions
+    /// computed one by one, so a request replayed on a new plan after a lost node may sample
+    /// differently from here on; with f32 it continues as it would have.
+    F16,
+}
+
+impl KvType {
+    /// Bytes one value takes.
+    pub fn size_in_bytes(self) -> usize {
+        self.dtype().size_in_bytes()
+    }
+
+    pub(crate) fn dtype(self) -> DType {
+        match self {
+            KvType::F32 => DType::F32,
+            KvType::F16 => DType::F16,
+        }
+    }
+}
+
+impl std::fmt::Display for KvType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KvType::F32 => "f32",
+            KvType::F16 => "f16",
+        })
+    }
+}
+
+impl std::str::FromStr for KvType {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(KvType::F32),
+            "f16" => Ok(KvType::F16),
+            _ => Err(Error::Invalid(format!(
+                "`{s}` is not a KV cache type: use f32 or f16"
+            ))),
+        }
+    }
+}
+
 const MIN_CAPACITY: usize = 64;
 
 /// One layer's keys and values, `[1, kv_heads, capacity, head_dim]` each.
@@ -20,17 +71,24 @@ pub struct KvCache {
     len: usize,
     capacity: usize,
     max_len: usize,
+    kv: KvType,
 }
 
 impl KvCache {
-    /// An empty cache for `layers` layers holding at most `max_len` positions.
-    pub fn new(layers: usize, max_len: usize) -> Self {
+    /// An empty cache for `layers` layers holding at most `max_len` positions as `kv`.
+    pub fn new(layers: usize, max_len: usize, kv: KvType) -> Self {
         KvCache {
             layers: vec![LayerCache::default(); layers],
             len: 0,
             capacity: 0,
             max_len,
+            kv,
         }
+    }
+
+    /// How the cache stores keys and values.
+    pub fn kv_type(&self) -> KvType {
+        self.kv
     }
 
     /// Number of positions already processed.
@@ -86,8 +144,11 @@ impl KvCache {
                 .max(MIN_CAPACITY)
                 .min(self.max_len.max(needed));
             let grow = |old: Option<&Tensor>| -> Result<Tensor> {
-                let fresh =
-                    Tensor::zeros((1, kv_heads, new_cap, head_dim), DType::F32, &Device::Cpu)?;
+                let fresh = Tensor::zeros(
+                    (1, kv_heads, new_cap, head_dim),
+                    self.kv.dtype(),
+                    &Device::Cpu,
+                )?;
                 if let Some(old) = old
                     && self.len > 0
                 {
@@ -104,13 +165,14 @@ impl KvCache {
             .kv
             .as_ref()
             .ok_or_else(|| Error::Invalid("cache not allocated".into()))?;
-        ck.slice_set(&k.contiguous()?, 2, self.len)?;
-        cv.slice_set(&v.contiguous()?, 2, self.len)?;
+        let dtype = self.kv.dtype();
+        ck.slice_set(&k.to_dtype(dtype)?.contiguous()?, 2, self.len)?;
+        cv.slice_set(&v.to_dtype(dtype)?.contiguous()?, 2, self.len)?;
         Ok(())
     }
 
-    /// Layer `layer`'s whole key and value buffers (`[1, kv_heads, capacity, head_dim]` f32,
-    /// contiguous; positions past those appended hold nothing meaningful), once anything has
+    /// Layer `layer`'s whole key and value buffers (`[1, kv_heads, capacity, head_dim]` of the
+    /// cache's type, contiguous; positions past those appended hold nothing meaningful), once anything has
     /// been appended to it.
     pub(crate) fn buffers(&self, layer: usize) -> Option<&(Tensor, Tensor)> {
         self.layers.get(layer).and_then(|l| l.kv.as_ref())

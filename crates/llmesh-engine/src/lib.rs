@@ -41,7 +41,7 @@ pub use error::{Error, Result};
 pub use generate::{
     FinishReason, GenerateRequest, Generation, LocalRunner, StepRunner, TokenEvent, generate,
 };
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvType};
 pub use model::{LayerRange, LogitsFor, Shard, ShardInput, ShardOutput};
 pub use model_files::{ModelFiles, ModelFormat};
 pub use sampling::SamplingParams;

@@ -10,7 +10,7 @@ use llmesh_kernels::{AttnShape, Backend, QMatrix, attend_causal, silu_mul};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvType};
 use crate::weights::{LayerWeight, Weight, WeightName, WeightSource};
 
 /// A half-open range of layer indices `[start, end)`.
@@ -216,11 +216,19 @@ fn out_dims(dims: &[usize], w: &QMatrix) -> Vec<usize> {
 
 /// Calls `f` with the values of a contiguous f32 CPU tensor, without copying them.
 fn with_f32_slice<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+    with_slice::<f32, T>(x, f)
+}
+
+/// `x`'s values in place, as a slice of `E` (the tensor's own type).
+fn with_slice<E: candle_core::WithDType, T>(
+    x: &Tensor,
+    f: impl FnOnce(&[E]) -> Result<T>,
+) -> Result<T> {
     let (storage, layout) = x.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
         return Err(Error::Invalid("llmesh kernels run on CPU tensors".into()));
     };
-    let all = cpu.as_slice::<f32>()?;
+    let all = cpu.as_slice::<E>()?;
     let (start, end) = layout
         .contiguous_offsets()
         .ok_or_else(|| Error::Invalid("a kernel input must be contiguous".into()))?;
@@ -416,14 +424,20 @@ impl Attention {
         let width = self.num_heads * self.head_dim;
         let q = q.to_dtype(DType::F32)?.contiguous()?;
         let mut out = vec![0f32; t * width];
-        with_f32_slice(&q, |q| {
-            with_f32_slice(keys, |k| {
-                with_f32_slice(values, |v| {
-                    let w = self.sliding_window;
+        let w = self.sliding_window;
+        with_f32_slice(&q, |q| match cache.kv_type() {
+            KvType::F32 => with_slice::<f32, _>(keys, |k| {
+                with_slice::<f32, _>(values, |v| {
                     attend_causal(Backend::Auto, shape, q, t, total, w, k, v, scale, &mut out)
                         .map_err(|e| Error::Invalid(e.to_string()))
                 })
-            })
+            }),
+            KvType::F16 => with_slice::<half::f16, _>(keys, |k| {
+                with_slice::<half::f16, _>(values, |v| {
+                    attend_causal(Backend::Auto, shape, q, t, total, w, k, v, scale, &mut out)
+                        .map_err(|e| Error::Invalid(e.to_string()))
+                })
+            }),
         })?;
         Ok(Tensor::from_vec(out, (1, t, width), &Device::Cpu)?)
     }
@@ -531,6 +545,7 @@ pub struct Shard {
     blocks: Vec<Block>,
     head: Option<Head>,
     inv_freq: Tensor,
+    kv_type: KvType,
 }
 
 impl Shard {
@@ -595,6 +610,7 @@ impl Shard {
             blocks,
             head,
             inv_freq,
+            kv_type: KvType::default(),
         })
     }
 
@@ -635,15 +651,27 @@ impl Shard {
 
     /// A fresh cache for one sequence through this shard.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.blocks.len(), self.config.max_position_embeddings)
+        KvCache::new(
+            self.blocks.len(),
+            self.config.max_position_embeddings,
+            self.kv_type,
+        )
+    }
+
+    /// How this shard's caches store keys and values.
+    pub fn kv_type(&self) -> KvType {
+        self.kv_type
+    }
+
+    /// The shard, its caches storing keys and values as `kv`.
+    pub fn with_kv_type(mut self, kv: KvType) -> Self {
+        self.kv_type = kv;
+        self
     }
 
     /// Bytes of KV cache one position takes in this shard.
     pub fn kv_bytes_per_position(&self) -> usize {
-        2 * self.blocks.len()
-            * self.config.num_kv_heads
-            * self.config.head_dim
-            * DType::F32.size_in_bytes()
+        self.blocks.len() * self.config.kv_bytes_per_position_layer(self.kv_type)
     }
 
     /// Runs this shard's layers on the next positions of the sequence whose cache is `cache`.

@@ -11,6 +11,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::gguf::MetaValue;
 use crate::gguf_source::GgufSource;
+use crate::kv_cache::KvType;
 use crate::model::{LayerRange, Shard};
 use crate::safetensors_source::SafetensorsSource;
 use crate::tokenizer::Tokenizer;
@@ -34,6 +35,7 @@ pub struct ModelFiles {
     chat_template: Option<String>,
     eos_ids: Vec<u32>,
     f32_weights: bool,
+    kv_type: KvType,
 }
 
 impl ModelFiles {
@@ -110,6 +112,7 @@ impl ModelFiles {
             tokenizer,
             chat_template,
             eos_ids: dedup(eos_ids),
+            kv_type: KvType::default(),
         })
     }
 
@@ -137,6 +140,7 @@ impl ModelFiles {
             tokenizer,
             chat_template,
             eos_ids: dedup(eos_ids),
+            kv_type: KvType::default(),
         })
     }
 
@@ -200,20 +204,32 @@ impl ModelFiles {
         ChatTemplate::new(src, self.tokenizer.bos_token(), self.tokenizer.eos_token())
     }
 
+    /// The files, with the shards loaded from them storing their KV caches as `kv`.
+    pub fn with_kv_type(mut self, kv: KvType) -> Self {
+        self.kv_type = kv;
+        self
+    }
+
+    /// How the shards loaded from these files store their KV caches.
+    pub fn kv_type(&self) -> KvType {
+        self.kv_type
+    }
+
     /// Loads the layers in `range` (see [`Shard::load`]).
     pub fn load_shard(&self, range: LayerRange) -> Result<Shard> {
         LayerRange::new(range.start, range.end, self.config.num_layers)?;
-        match self.format {
+        let shard = match self.format {
             ModelFormat::HuggingFace => {
                 let src = SafetensorsSource::open(&self.path)?;
-                Shard::load(&src, self.config.clone(), range)
+                Shard::load(&src, self.config.clone(), range)?
             }
             ModelFormat::Gguf => {
                 let mut src = GgufSource::open(&self.path)?;
                 src.config()?;
-                Shard::load(&src, self.config.clone(), range)
+                Shard::load(&src, self.config.clone(), range)?
             }
-        }
+        };
+        Ok(shard.with_kv_type(self.kv_type))
     }
 
     /// Loads every layer.

@@ -7,6 +7,44 @@ use rayon::prelude::*;
 
 use crate::{Backend, KernelError};
 
+/// A type the key/value cache may hold: f32, or f16 at half the memory (widened to f32 as the
+/// attention reads it, a chunk of positions at a time).
+pub trait KvElem: Copy + Send + Sync + sealed::Sealed {
+    /// Whether values are widened into a scratch buffer before use.
+    const WIDENS: bool;
+
+    /// `src` as f32: itself, or widened into the start of `scratch` (at least as long).
+    fn widened<'a>(src: &'a [Self], scratch: &'a mut [f32]) -> &'a [f32];
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+}
+
+impl KvElem for f32 {
+    const WIDENS: bool = false;
+
+    #[inline]
+    fn widened<'a>(src: &'a [f32], _: &'a mut [f32]) -> &'a [f32] {
+        src
+    }
+}
+
+impl KvElem for half::f16 {
+    const WIDENS: bool = true;
+
+    #[inline]
+    fn widened<'a>(src: &'a [half::f16], scratch: &'a mut [f32]) -> &'a [f32] {
+        use half::slice::HalfFloatSliceExt;
+        let out = &mut scratch[..src.len()];
+        // Vectorised where the CPU converts halves (F16C on x86-64, FP16 on Arm).
+        src.convert_to_f32_slice(out);
+        out
+    }
+}
+
 /// Shape of one layer's attention and of its cache buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttnShape {
@@ -22,11 +60,11 @@ pub struct AttnShape {
 }
 
 impl AttnShape {
-    fn check(
+    fn check<T: KvElem>(
         &self,
         q: &[f32],
-        keys: &[f32],
-        values: &[f32],
+        keys: &[T],
+        values: &[T],
         positions: &std::ops::Range<usize>,
         out: &[f32],
     ) -> Result<(), KernelError> {
@@ -79,15 +117,15 @@ impl AttnShape {
 /// only the last `window` of those where the model has a sliding window. The (position,
 /// key/value head) pairs are shared among the threads of rayon's pool.
 #[allow(clippy::too_many_arguments)]
-pub fn attend_causal(
+pub fn attend_causal<T: KvElem>(
     backend: Backend,
     shape: AttnShape,
     q: &[f32],
     t: usize,
     total: usize,
     window: Option<usize>,
-    keys: &[f32],
-    values: &[f32],
+    keys: &[T],
+    values: &[T],
     scale: f32,
     out: &mut [f32],
 ) -> Result<(), KernelError> {
@@ -140,7 +178,7 @@ pub fn attend_causal(
             return;
         }
         let _ = fused;
-        attend_group::<false>(&qs, ks, vs, d, scale, o);
+        attend_group::<false, T>(&qs, ks, vs, d, scale, o);
     };
     // Below this many multiply-adds (counting every position as seeing all `total`) a parallel
     // loop costs more than it saves: a decode step early in a sequence.
@@ -170,28 +208,45 @@ fn fma_available() -> bool {
 /// with fused multiply-adds).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_group_fma(q: &[f32], ks: &[f32], vs: &[f32], d: usize, scale: f32, o: &mut [f32]) {
-    attend_group::<true>(q, ks, vs, d, scale, o);
+unsafe fn attend_group_fma<T: KvElem>(
+    q: &[f32],
+    ks: &[T],
+    vs: &[T],
+    d: usize,
+    scale: f32,
+    o: &mut [f32],
+) {
+    attend_group::<true, T>(q, ks, vs, d, scale, o);
 }
+
+/// Cached positions widened at a time from a half-precision cache (with 128 values per head,
+/// 32 KiB of f32: they stay in the L1 or L2 cache while they are used).
+const WIDEN_POSITIONS: usize = 64;
 
 /// The query heads `q` (`group × d`) of one key/value head over its cached keys `ks` and
 /// values `vs` (`n × d` each), into `o` (`group × d`).
 #[inline(always)]
-fn attend_group<const FMA: bool>(
+fn attend_group<const FMA: bool, T: KvElem>(
     q: &[f32],
-    ks: &[f32],
-    vs: &[f32],
+    ks: &[T],
+    vs: &[T],
     d: usize,
     scale: f32,
     o: &mut [f32],
 ) {
     let group = q.len() / d;
     let n = ks.len() / d;
+    let chunk = WIDEN_POSITIONS * d;
+    let mut scratch = vec![0f32; if T::WIDENS { chunk.min(ks.len()) } else { 0 }];
     // Scores of the group's query heads, head by head; each cached key is read once.
     let mut scores = vec![0f32; group * n];
-    for (j, k) in ks.chunks_exact(d).enumerate() {
-        for (h, qh) in q.chunks_exact(d).enumerate() {
-            scores[h * n + j] = dot::<FMA>(qh, k) * scale;
+    for (c, kc) in ks.chunks(chunk).enumerate() {
+        let kc = T::widened(kc, &mut scratch);
+        for (j, k) in kc.chunks_exact(d).enumerate() {
+            let j = c * WIDEN_POSITIONS + j;
+            for (h, qh) in q.chunks_exact(d).enumerate() {
+                scores[h * n + j] = dot::<FMA>(qh, k) * scale;
+            }
         }
     }
     let mut norms = vec![0f32; group];
@@ -205,9 +260,13 @@ fn attend_group<const FMA: bool>(
         *norm = 1.0 / sum;
     }
     o.fill(0.0);
-    for (j, v) in vs.chunks_exact(d).enumerate() {
-        for (h, oh) in o.chunks_exact_mut(d).enumerate() {
-            axpy::<FMA>(oh, scores[h * n + j], v);
+    for (c, vc) in vs.chunks(chunk).enumerate() {
+        let vc = T::widened(vc, &mut scratch);
+        for (j, v) in vc.chunks_exact(d).enumerate() {
+            let j = c * WIDEN_POSITIONS + j;
+            for (h, oh) in o.chunks_exact_mut(d).enumerate() {
+                axpy::<FMA>(oh, scores[h * n + j], v);
+            }
         }
     }
     for (oh, norm) in o.chunks_exact_mut(d).zip(norms) {
@@ -439,6 +498,53 @@ mod tests {
         assert!(run(3, 9, None, &mut out).is_err(), "past the capacity");
         assert!(run(3, 5, Some(0), &mut out).is_err(), "empty window");
         assert!(run(2, 5, None, &mut out).is_err(), "wrong query length");
+    }
+
+    /// A half-precision cache gives exactly what an f32 cache holding the same (rounded)
+    /// values gives: widening in chunks of positions changes nothing else, windows and
+    /// chunk edges included.
+    #[test]
+    fn half_precision_cache_equals_f32_cache_of_its_values() {
+        // (heads, kv_heads, head_dim, capacity, t, total, window)
+        let cases = [
+            (4, 2, 8, 20, 1, 5, None),
+            (8, 2, 16, 200, 1, 130, None),
+            (8, 2, 16, 200, 1, 190, Some(70)),
+            (6, 3, 5, 150, 40, 140, None),
+            (32, 8, 64, 300, 7, 257, Some(100)),
+        ];
+        for (n, (heads, kv_heads, d, capacity, t, total, window)) in cases.into_iter().enumerate() {
+            let shape = AttnShape {
+                heads,
+                kv_heads,
+                head_dim: d,
+                capacity,
+            };
+            let q = values(heads * t * d, 11 * n as u32);
+            let half = |v: Vec<f32>| -> Vec<half::f16> {
+                v.into_iter()
+                    .map(|x| half::f16::from_f32(4.0 * x))
+                    .collect()
+            };
+            let kh = half(values(kv_heads * capacity * d, 11 * n as u32 + 1));
+            let vh = half(values(kv_heads * capacity * d, 11 * n as u32 + 2));
+            let kf: Vec<f32> = kh.iter().map(|x| x.to_f32()).collect();
+            let vf: Vec<f32> = vh.iter().map(|x| x.to_f32()).collect();
+            let scale = 1.0 / (d as f32).sqrt();
+            for backend in [Backend::Auto, Backend::Portable] {
+                let mut a = vec![f32::NAN; heads * t * d];
+                let mut b = vec![f32::NAN; heads * t * d];
+                attend_causal(
+                    backend, shape, &q, t, total, window, &kh, &vh, scale, &mut a,
+                )
+                .unwrap();
+                attend_causal(
+                    backend, shape, &q, t, total, window, &kf, &vf, scale, &mut b,
+                )
+                .unwrap();
+                assert_eq!(a, b, "{backend:?} case {n}");
+            }
+        }
     }
 
     #[test]

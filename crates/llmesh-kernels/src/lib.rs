@@ -26,7 +26,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-pub use attention::{AttnShape, attend_causal};
+pub use attention::{AttnShape, KvElem, attend_causal};
 pub use elementwise::silu_mul;
 pub use formats::{QType, dequantize_row};
 

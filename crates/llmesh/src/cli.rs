@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use llmesh_engine::KvType;
 
 /// Run large language models across the computers you own.
 #[derive(Debug, Parser)]
@@ -88,6 +89,10 @@ pub struct RunArgs {
     /// Tokens of KV cache each node reserves memory for.
     #[arg(long, default_value_t = 4096)]
     pub kv_cache_tokens: usize,
+    /// How the KV cache stores keys and values: f32, or f16 (half the memory, as llama.cpp; a
+    /// request replayed after a lost node may then continue differently).
+    #[arg(long, default_value_t = KvType::default())]
+    pub kv_cache_type: KvType,
     /// Estimated seconds a hop between nodes adds per token (for the latency partitioner).
     #[arg(long, default_value_t = 0.002)]
     pub hop_cost: f64,
@@ -107,6 +112,10 @@ pub struct ModelArgs {
     /// Compute threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// How the KV cache stores keys and values: f32, or f16 (half the memory, as llama.cpp; a
+    /// request replayed after a lost node may then continue differently).
+    #[arg(long, default_value_t = KvType::default())]
+    pub kv_cache_type: KvType,
 }
 
 #[derive(Debug, Args)]
@@ -183,6 +192,10 @@ pub struct BenchArgs {
     /// Repetitions (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
+    /// How the KV cache stores keys and values: f32, or f16 (half the memory, as llama.cpp; a
+    /// request replayed after a lost node may then continue differently).
+    #[arg(long, default_value_t = KvType::default())]
+    pub kv_cache_type: KvType,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,

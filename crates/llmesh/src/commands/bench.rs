@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use llmesh_engine::{GenerateRequest, LocalRunner, ModelFiles, SamplingParams, StepRunner};
+use llmesh_engine::{GenerateRequest, KvType, LocalRunner, ModelFiles, SamplingParams, StepRunner};
 use serde_json::{Value, json};
 
 use crate::cli::{BandwidthArgs, BenchArgs};
@@ -125,7 +125,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 }
 
 fn single(args: &BenchArgs, model: &Path, threads: usize) -> Result<()> {
-    let files = ModelFiles::open(model)?;
+    let files = ModelFiles::open(model)?.with_kv_type(args.kv_cache_type);
     let cfg = files.config().clone();
     if args.prompt_tokens + args.gen_tokens > cfg.max_position_embeddings {
         bail!(
@@ -187,6 +187,7 @@ fn single(args: &BenchArgs, model: &Path, threads: usize) -> Result<()> {
         "decode_tokens_per_s": dc,
         "decode_tokens_per_s_range": [dc_lo, dc_hi],
         "weight_bytes": shard.weight_bytes(),
+        "kv_cache_type": args.kv_cache_type.to_string(),
         "peak_rss_bytes": peak,
         "memory_bandwidth_bytes_per_s": bandwidth,
         "memory_bandwidth_bytes_per_s_range": [bw_lo, bw_hi],
@@ -198,6 +199,7 @@ fn single(args: &BenchArgs, model: &Path, threads: usize) -> Result<()> {
     } else {
         println!("model      {}", model.display());
         println!("threads    {threads}");
+        println!("KV cache   {}", args.kv_cache_type);
         println!(
             "prefill    {pf:8.1} tok/s  (min {pf_lo:.1}, max {pf_hi:.1}; {} tokens, {} runs)",
             args.prompt_tokens, args.repeat
@@ -315,6 +317,7 @@ impl LocalCluster {
         model: &Path,
         nodes: usize,
         threads: usize,
+        kv: KvType,
         data: &Path,
     ) -> Result<LocalCluster> {
         let ports: Vec<(u16, u16)> = (0..nodes)
@@ -340,6 +343,8 @@ impl LocalCluster {
                     &format!("llmesh-bench-cluster-key-{nodes}"),
                     "--partitioner",
                     "memory-weighted",
+                    "--kv-cache-type",
+                    &kv.to_string(),
                 ])
                 .args([
                     "--threads",
@@ -419,8 +424,8 @@ fn cluster(args: &BenchArgs, model: &Path, n: usize, threads: usize) -> Result<(
     // Both clusters run side by side (the idle one only exchanges heartbeats) and take turns,
     // so a machine whose speed drifts over minutes slows both alike.
     let clusters = [
-        LocalCluster::start(&exe, model, 1, threads, &tmp)?,
-        LocalCluster::start(&exe, model, n, threads, &tmp)?,
+        LocalCluster::start(&exe, model, 1, threads, args.kv_cache_type, &tmp)?,
+        LocalCluster::start(&exe, model, n, threads, args.kv_cache_type, &tmp)?,
     ];
     for c in &clusters {
         // Warm up (loads pages, fills caches).

@@ -28,7 +28,7 @@ pub fn run(cli: Cli) -> Result<()> {
 /// Sets the thread count, opens the model and loads all its layers.
 fn load_model(args: &ModelArgs) -> Result<(ModelFiles, Shard)> {
     llmesh_engine::threads::set_compute_threads(args.threads)?;
-    let files = ModelFiles::open(&args.model)?;
+    let files = ModelFiles::open(&args.model)?.with_kv_type(args.kv_cache_type);
     let shard = files
         .load_full()
         .with_context(|| format!("loading {}", args.model.display()))?;

@@ -72,7 +72,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         Some(p) => (p.clone(), false),
         None => (demo_model(&data)?, true),
     };
-    let files = ModelFiles::open(&path)?;
+    let files = ModelFiles::open(&path)?.with_kv_type(args.kv_cache_type);
     let id = if demo {
         "demo".to_string()
     } else {
