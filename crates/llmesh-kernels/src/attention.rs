@@ -39,8 +39,7 @@ impl KvElem for half::f16 {
     fn widened<'a>(src: &'a [half::f16], scratch: &'a mut [f32]) -> &'a [f32] {
         use half::slice::HalfFloatSliceExt;
         let out = &mut scratch[..src.len()];
-        // Vectorised where the CPU converts halves (F16C on x86-64, FP16 on Arm).
-        src.convert_to_f32_slice(out);
+        crate::widen_halves(src.reinterpret_cast(), out);
         out
     }
 }
@@ -158,8 +157,24 @@ pub fn attend_causal<T: KvElem>(
         &(0..total),
         &out[..heads * d],
     )?;
-    let group = heads / shape.kv_heads;
     let head_cache = shape.capacity * d;
+    if T::WIDENS && t > 1 {
+        // A prompt's positions each read most of the cache: widen the cached positions once
+        // (in the cache's layout) rather than once per new position.
+        let widen = |src: &[T]| {
+            let mut wide = vec![0f32; shape.kv_heads * head_cache];
+            for (w, s) in wide
+                .chunks_exact_mut(head_cache)
+                .zip(src.chunks_exact(head_cache))
+            {
+                T::widened(&s[..total * d], &mut w[..total * d]);
+            }
+            wide
+        };
+        let (k, v) = (widen(keys), widen(values));
+        return attend_causal(backend, shape, q, t, total, window, &k, &v, scale, out);
+    }
+    let group = heads / shape.kv_heads;
     let fused = backend == Backend::Auto && crate::simd_available() && fma_available();
     let work = |(c, o): (usize, &mut [f32])| {
         let (i, g) = (c / shape.kv_heads, c % shape.kv_heads);

@@ -102,6 +102,26 @@ fn simd_available() -> bool {
     })
 }
 
+/// f16 values (their bits) widened into `dst` (as long), with the CPU's conversion
+/// instructions where it has them.
+fn widen_halves(src: &[u16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        // SAFETY: simd_available() confirmed AVX2, FMA and F16C.
+        unsafe { x86::widen_halves(src, dst) };
+        return;
+    }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: NEON is part of every AArch64 CPU.
+    unsafe {
+        neon::widen_halves(src, dst)
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    for (s, d) in src.iter().zip(dst) {
+        *d = half::f16::from_bits(*s).to_f32();
+    }
+}
+
 /// The output's base pointer, shared by the tasks of one product.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -632,5 +652,25 @@ impl QMatrix {
         }
         let _ = simd;
         xs.map(|x| portable::dot(self.ty, w, x))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every f16 bit pattern widens as the format says (NaNs stay NaN), in runs of any length.
+    #[test]
+    fn halves_widen_exactly() {
+        let src: Vec<u16> = (0..=u16::MAX).collect();
+        for len in [src.len(), 13] {
+            let mut dst = vec![0f32; len];
+            super::widen_halves(&src[..len], &mut dst);
+            for (&b, &v) in src.iter().zip(&dst) {
+                let want = half::f16::from_bits(b).to_f32();
+                assert!(
+                    v.to_bits() == want.to_bits() || (v.is_nan() && want.is_nan()),
+                    "{b:#06x}"
+                );
+            }
+        }
     }
 }

@@ -100,6 +100,26 @@ fn widen_f16x8(h: uint16x8_t) -> (float32x4_t, float32x4_t) {
     (lo, hi)
 }
 
+/// Widens f16 values (their bits) into `dst` (as long), eight at a time.
+#[target_feature(enable = "neon")]
+pub(crate) fn widen_halves(src: &[u16], dst: &mut [f32]) {
+    let main = src.len().min(dst.len()) / 8 * 8;
+    for (s, d) in src[..main]
+        .chunks_exact(8)
+        .zip(dst[..main].chunks_exact_mut(8))
+    {
+        // SAFETY: each chunk holds 8 readable halves and 8 writable floats.
+        unsafe {
+            let (lo, hi) = widen_f16x8(vld1q_u16(s.as_ptr()));
+            vst1q_f32(d.as_mut_ptr(), lo);
+            vst1q_f32(d.as_mut_ptr().add(4), hi);
+        }
+    }
+    for (s, d) in src[main..].iter().zip(&mut dst[main..]) {
+        *d = f16_to_f32(*s);
+    }
+}
+
 /// 16 bytes of `b` from `at`, as unsigned bytes.
 #[target_feature(enable = "neon")]
 #[inline]

@@ -719,6 +719,26 @@ pub(crate) unsafe fn widen_pair<const BF: bool>(g0: &[u8], g1: &[u8], buf: &mut 
     }
 }
 
+/// Widens f16 values (their bits) into `dst` (as long), eight at a time.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) fn widen_halves(src: &[u16], dst: &mut [f32]) {
+    let main = src.len().min(dst.len()) / 8 * 8;
+    for (s, d) in src[..main]
+        .chunks_exact(8)
+        .zip(dst[..main].chunks_exact_mut(8))
+    {
+        // SAFETY: each chunk holds 8 readable halves and 8 writable floats.
+        unsafe {
+            let h = _mm_loadu_si128(s.as_ptr() as *const __m128i);
+            _mm256_storeu_ps(d.as_mut_ptr(), _mm256_cvtph_ps(h));
+        }
+    }
+    for (s, d) in src[main..].iter().zip(&mut dst[main..]) {
+        *d = half::f16::from_bits(*s).to_f32();
+    }
+}
+
 /// A widened panel of 16 weight rows (`w`: per column 16 f32, from [`widen_pair`]) against a
 /// tile of `M` activation rows packed column by column (`xp`: per column the `M` rows' values):
 /// per activation row, the 16 partial dot products. Each broadcast value feeds two
