@@ -12,21 +12,21 @@ use llmesh_engine::gguf_export::FileType;
 use llmesh_engine::synth::{SynthSpec, make_model};
 use llmesh_engine::{Architecture, LayerRange, ModelFiles};
 
-static MODEL: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+static MODEL: OnceLock<PathBuf> = OnceLock::new();
 
 /// A small model (HF directory with a Q8_0 GGUF) shared by the tests; each test copies what it breaks.
 fn model() -> &'static Path {
-    &MODEL
-        .get_or_init(|| {
-            let dir = tempfile::tempdir().unwrap();
-            let mut spec = SynthSpec::new(Architecture::Llama);
-            spec.layers = 2;
-            spec.gguf = vec![FileType::Q8_0];
-            let out = dir.path().join("m");
-            make_model(&spec, &out).unwrap();
-            (dir, out)
-        })
-        .1
+    MODEL.get_or_init(|| {
+        // In a directory of this process (a TempDir in a static would never be removed).
+        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let dir = llmesh_engine::synth::process_dir(&root, "bad-input-model").unwrap();
+        let mut spec = SynthSpec::new(Architecture::Llama);
+        spec.layers = 2;
+        spec.gguf = vec![FileType::Q8_0];
+        let out = dir.join("m");
+        make_model(&spec, &out).unwrap();
+        out
+    })
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -391,3 +391,25 @@ pub fn make_model(spec: &SynthSpec, out: &Path) -> Result<SynthModel> {
         config,
     })
 }
+
+/// A fresh directory `root/<name>-<pid>` for this process's generated models, for test
+/// binaries that share models through a static (which is never dropped, so a `TempDir` there
+/// is never removed). Directories of earlier processes of the same `name` that have exited are
+/// removed first, where `/proc` says which have (elsewhere they stay under `root`).
+pub fn process_dir(root: &Path, name: &str) -> std::io::Result<PathBuf> {
+    let proc_fs = Path::new("/proc/self").exists();
+    let prefix = format!("{name}-");
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let file = entry.file_name();
+        let Some(pid) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else {
+            continue;
+        };
+        if proc_fs && pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let dir = root.join(format!("{prefix}{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

@@ -13,32 +13,14 @@ use llmesh_engine::synth::{SynthModel, SynthSpec, make_model};
 static DIR: OnceLock<PathBuf> = OnceLock::new();
 static MADE: Mutex<Vec<(String, SynthModel)>> = Mutex::new(Vec::new());
 
-/// This test process's directory for generated models: `<cargo's target tmp>/engine-models/
-/// <test binary>-<pid>`. A static is never dropped, so a `TempDir` here was never removed (each
-/// run left ~190 MB in /tmp); instead, each process removes the directories of earlier runs
-/// of its binary whose process has exited (where /proc says so).
+/// This test process's directory for generated models, under cargo's target tmp directory
+/// (see `synth::process_dir`).
 fn dir() -> &'static PathBuf {
     DIR.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("engine-models");
         let exe = std::env::current_exe().expect("test binary path");
         let stem = exe.file_stem().and_then(|s| s.to_str()).unwrap_or("test");
-        let proc_fs = std::path::Path::new("/proc/self").exists();
-        for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(pid) = name.strip_prefix(&format!("{stem}-")) else {
-                continue;
-            };
-            if proc_fs
-                && pid.parse::<u32>().is_ok()
-                && !std::path::Path::new("/proc").join(pid).exists()
-            {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-        let dir = root.join(format!("{stem}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("model directory");
-        dir
+        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("engine-models");
+        llmesh_engine::synth::process_dir(&root, stem).expect("model directory")
     })
 }
 
