@@ -219,6 +219,15 @@ fn with_f32_slice<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<
     with_slice::<f32, T>(x, f)
 }
 
+/// Two tensors' values in place (see [`with_slice`]).
+fn with_slices<E: candle_core::WithDType, T>(
+    a: &Tensor,
+    b: &Tensor,
+    f: impl FnOnce(&[E], &[E]) -> Result<T>,
+) -> Result<T> {
+    with_slice::<E, _>(a, |a| with_slice::<E, _>(b, |b| f(a, b)))
+}
+
 /// `x`'s values in place, as a slice of `E` (the tensor's own type).
 fn with_slice<E: candle_core::WithDType, T>(
     x: &Tensor,
@@ -425,18 +434,15 @@ impl Attention {
         let q = q.to_dtype(DType::F32)?.contiguous()?;
         let mut out = vec![0f32; t * width];
         let w = self.sliding_window;
+        let failed = |e: llmesh_kernels::KernelError| Error::Invalid(e.to_string());
         with_f32_slice(&q, |q| match cache.kv_type() {
-            KvType::F32 => with_slice::<f32, _>(keys, |k| {
-                with_slice::<f32, _>(values, |v| {
-                    attend_causal(Backend::Auto, shape, q, t, total, w, k, v, scale, &mut out)
-                        .map_err(|e| Error::Invalid(e.to_string()))
-                })
+            KvType::F32 => with_slices::<f32, _>(keys, values, |k, v| {
+                attend_causal(Backend::Auto, shape, q, t, total, w, k, v, scale, &mut out)
+                    .map_err(failed)
             }),
-            KvType::F16 => with_slice::<half::f16, _>(keys, |k| {
-                with_slice::<half::f16, _>(values, |v| {
-                    attend_causal(Backend::Auto, shape, q, t, total, w, k, v, scale, &mut out)
-                        .map_err(|e| Error::Invalid(e.to_string()))
-                })
+            KvType::F16 => with_slices::<half::f16, _>(keys, values, |k, v| {
+                attend_causal(Backend::Auto, shape, q, t, total, w, k, v, scale, &mut out)
+                    .map_err(failed)
             }),
         })?;
         Ok(Tensor::from_vec(out, (1, t, width), &Device::Cpu)?)

@@ -408,6 +408,20 @@ mod tests {
             .collect()
     }
 
+    fn attn_shape(heads: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> AttnShape {
+        AttnShape {
+            heads,
+            kv_heads,
+            head_dim,
+            capacity,
+        }
+    }
+
+    /// Keys large enough that the softmax is far from uniform.
+    fn keys(n: usize, seed: u32) -> Vec<f32> {
+        values(n, seed).iter().map(|k| k * 4.0).collect()
+    }
+
     #[test]
     fn matches_the_reference_for_grouped_heads_windows_and_odd_sizes() {
         // (heads, kv_heads, head_dim, capacity, positions): multi-head, grouped, one kv head,
@@ -421,18 +435,9 @@ mod tests {
             (32, 8, 64, 300, 100..300),
         ];
         for (i, (heads, kv_heads, d, capacity, positions)) in cases.into_iter().enumerate() {
-            let shape = AttnShape {
-                heads,
-                kv_heads,
-                head_dim: d,
-                capacity,
-            };
+            let shape = attn_shape(heads, kv_heads, d, capacity);
             let q = values(heads * d, 3 * i as u32);
-            // Keys large enough that the softmax is far from uniform.
-            let keys: Vec<f32> = values(kv_heads * capacity * d, 3 * i as u32 + 1)
-                .iter()
-                .map(|k| k * 4.0)
-                .collect();
+            let keys = keys(kv_heads * capacity * d, 3 * i as u32 + 1);
             let vals = values(kv_heads * capacity * d, 3 * i as u32 + 2);
             let scale = 1.0 / (d as f32).sqrt();
             let want = reference(shape, &q, &keys, &vals, positions.clone(), scale);
@@ -461,17 +466,9 @@ mod tests {
             (4, 1, 8, 50, 9, 33, Some(10)),
         ];
         for (n, (heads, kv_heads, d, capacity, t, total, window)) in cases.into_iter().enumerate() {
-            let shape = AttnShape {
-                heads,
-                kv_heads,
-                head_dim: d,
-                capacity,
-            };
+            let shape = attn_shape(heads, kv_heads, d, capacity);
             let q = values(heads * t * d, 7 * n as u32);
-            let keys: Vec<f32> = values(kv_heads * capacity * d, 7 * n as u32 + 1)
-                .iter()
-                .map(|k| k * 4.0)
-                .collect();
+            let keys = keys(kv_heads * capacity * d, 7 * n as u32 + 1);
             let vals = values(kv_heads * capacity * d, 7 * n as u32 + 2);
             let scale = 1.0 / (d as f32).sqrt();
             for backend in [Backend::Auto, Backend::Portable] {
@@ -498,12 +495,7 @@ mod tests {
                 }
             }
         }
-        let shape = AttnShape {
-            heads: 2,
-            kv_heads: 1,
-            head_dim: 4,
-            capacity: 8,
-        };
+        let shape = attn_shape(2, 1, 4, 8);
         let (q, kv, mut out) = (vec![0f32; 24], vec![0f32; 32], vec![0f32; 24]);
         let run = |t, total, w, o: &mut [f32]| {
             attend_causal(Backend::Auto, shape, &q, t, total, w, &kv, &kv, 1.0, o)
@@ -529,20 +521,13 @@ mod tests {
             (32, 8, 64, 300, 7, 257, Some(100)),
         ];
         for (n, (heads, kv_heads, d, capacity, t, total, window)) in cases.into_iter().enumerate() {
-            let shape = AttnShape {
-                heads,
-                kv_heads,
-                head_dim: d,
-                capacity,
-            };
+            let shape = attn_shape(heads, kv_heads, d, capacity);
             let q = values(heads * t * d, 11 * n as u32);
             let half = |v: Vec<f32>| -> Vec<half::f16> {
-                v.into_iter()
-                    .map(|x| half::f16::from_f32(4.0 * x))
-                    .collect()
+                v.into_iter().map(half::f16::from_f32).collect()
             };
-            let kh = half(values(kv_heads * capacity * d, 11 * n as u32 + 1));
-            let vh = half(values(kv_heads * capacity * d, 11 * n as u32 + 2));
+            let kh = half(keys(kv_heads * capacity * d, 11 * n as u32 + 1));
+            let vh = half(keys(kv_heads * capacity * d, 11 * n as u32 + 2));
             let kf: Vec<f32> = kh.iter().map(|x| x.to_f32()).collect();
             let vf: Vec<f32> = vh.iter().map(|x| x.to_f32()).collect();
             let scale = 1.0 / (d as f32).sqrt();
@@ -564,12 +549,7 @@ mod tests {
 
     #[test]
     fn positions_outside_the_range_are_not_read() {
-        let shape = AttnShape {
-            heads: 2,
-            kv_heads: 1,
-            head_dim: 4,
-            capacity: 10,
-        };
+        let shape = attn_shape(2, 1, 4, 10);
         let q = values(8, 1);
         let mut keys = values(40, 2);
         let mut vals = values(40, 3);
@@ -588,12 +568,7 @@ mod tests {
 
     #[test]
     fn bad_operands_are_errors() {
-        let shape = AttnShape {
-            heads: 4,
-            kv_heads: 2,
-            head_dim: 4,
-            capacity: 8,
-        };
+        let shape = attn_shape(4, 2, 4, 8);
         let (q, kv, mut out) = (vec![0f32; 16], vec![0f32; 64], vec![0f32; 16]);
         let run =
             |s: AttnShape, q: &[f32], kv: &[f32], p: std::ops::Range<usize>, o: &mut [f32]| {

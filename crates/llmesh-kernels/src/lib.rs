@@ -102,23 +102,40 @@ fn simd_available() -> bool {
     })
 }
 
-/// f16 values (their bits) widened into `dst` (as long), with the CPU's conversion
-/// instructions where it has them.
+/// f16 values (their bits) widened into `dst` (as long): whole runs of eight with the CPU's
+/// conversion instructions where it has them, the rest one by one.
 fn widen_halves(src: &[u16], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    let (src, dst) = (&src[..n], &mut dst[..n]);
+    let done = if widen_runs_of_eight(src, dst) {
+        n / 8 * 8
+    } else {
+        0
+    };
+    for (s, d) in src[done..].iter().zip(&mut dst[done..]) {
+        *d = half::f16::from_bits(*s).to_f32();
+    }
+}
+
+/// Widens the whole runs of eight of `src` into `dst` where the CPU has a SIMD conversion;
+/// whether it did.
+fn widen_runs_of_eight(src: &[u16], dst: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     if simd_available() {
         // SAFETY: simd_available() confirmed AVX2, FMA and F16C.
         unsafe { x86::widen_halves(src, dst) };
-        return;
+        return true;
     }
     #[cfg(target_arch = "aarch64")]
-    // SAFETY: NEON is part of every AArch64 CPU.
-    unsafe {
-        neon::widen_halves(src, dst)
+    {
+        // SAFETY: NEON is part of every AArch64 CPU.
+        unsafe { neon::widen_halves(src, dst) };
+        true
     }
     #[cfg(not(target_arch = "aarch64"))]
-    for (s, d) in src.iter().zip(dst) {
-        *d = half::f16::from_bits(*s).to_f32();
+    {
+        let _ = (src, dst);
+        false
     }
 }
 

@@ -100,23 +100,17 @@ fn widen_f16x8(h: uint16x8_t) -> (float32x4_t, float32x4_t) {
     (lo, hi)
 }
 
-/// Widens f16 values (their bits) into `dst` (as long), eight at a time.
+/// Widens the whole runs of eight f16 values (their bits) of `src` into `dst`; the caller
+/// widens the rest.
 #[target_feature(enable = "neon")]
 pub(crate) fn widen_halves(src: &[u16], dst: &mut [f32]) {
-    let main = src.len().min(dst.len()) / 8 * 8;
-    for (s, d) in src[..main]
-        .chunks_exact(8)
-        .zip(dst[..main].chunks_exact_mut(8))
-    {
+    for (s, d) in src.chunks_exact(8).zip(dst.chunks_exact_mut(8)) {
         // SAFETY: each chunk holds 8 readable halves and 8 writable floats.
         unsafe {
             let (lo, hi) = widen_f16x8(vld1q_u16(s.as_ptr()));
             vst1q_f32(d.as_mut_ptr(), lo);
             vst1q_f32(d.as_mut_ptr().add(4), hi);
         }
-    }
-    for (s, d) in src[main..].iter().zip(&mut dst[main..]) {
-        *d = f16_to_f32(*s);
     }
 }
 
@@ -167,56 +161,58 @@ fn dots_with<const SDOT: bool, const M: usize>(
     xs: [ActRow<'_>; M],
 ) -> [f32; M] {
     match ty {
-        QType::Q8_0 => q8_0::<SDOT, M>(w, xs),
-        QType::Q4_0 => q4_0::<SDOT, M>(w, xs),
+        QType::Q8_0 => q_32::<false, SDOT, M>(w, xs),
+        QType::Q4_0 => q_32::<true, SDOT, M>(w, xs),
         QType::Q4K => q4k::<SDOT, M>(w, xs),
         QType::Q6K => q6k::<SDOT, M>(w, xs),
         QType::F32 | QType::F16 | QType::BF16 => float::<M>(ty, w, xs),
     }
 }
 
-/// Q8_0 weights (blocks of a scale and 32 codes) against 8-bit activation blocks; each row's
-/// blocks are scaled and summed in four float lanes, reduced once at the end.
+/// The products of 32 codes (`c.0` then `c.1`) with the 32 activation codes of `x` from `at`,
+/// summed in fours.
 #[target_feature(enable = "neon")]
-fn q8_0<const SDOT: bool, const M: usize>(w: &[u8], xs: [ActRow<'_>; M]) -> [f32; M] {
-    let mut acc = [vdupq_n_f32(0.0); M];
-    for (b, blk) in w.chunks_exact(34).enumerate() {
-        let d = half_at(blk, 0);
-        let (w0, w1) = (
-            vreinterpretq_s8_u8(load_u8(blk, 2)),
-            vreinterpretq_s8_u8(load_u8(blk, 18)),
-        );
-        for r in 0..M {
-            let x = xs[r].q;
-            let s = dot::<SDOT>(
-                dot::<SDOT>(vdupq_n_s32(0), w0, load_i8(x, 32 * b)),
-                w1,
-                load_i8(x, 32 * b + 16),
-            );
-            acc[r] = vfmaq_n_f32(acc[r], vcvtq_f32_s32(s), d * xs[r].d[b]);
-        }
-    }
-    acc.map(|a| vaddvq_f32(a))
+#[inline]
+fn dot32<const SDOT: bool>(c: (int8x16_t, int8x16_t), x: &[i8], at: usize) -> int32x4_t {
+    let s = dot::<SDOT>(vdupq_n_s32(0), c.0, load_i8(x, at));
+    dot::<SDOT>(s, c.1, load_i8(x, at + 16))
 }
 
-/// Q4_0 weights: 32 codes in 16 bytes (the low nibbles are values 0..16, the high 16..32),
-/// offset by 8.
+/// The 32 signed codes of one Q8_0 block, or of one Q4_0 block (low nibbles are values 0..16,
+/// high ones 16..32; offset by 8).
 #[target_feature(enable = "neon")]
-fn q4_0<const SDOT: bool, const M: usize>(w: &[u8], xs: [ActRow<'_>; M]) -> [f32; M] {
-    let mut acc = [vdupq_n_f32(0.0); M];
-    let (m4, eight) = (vdupq_n_u8(0x0f), vdupq_n_s8(8));
-    for (b, blk) in w.chunks_exact(18).enumerate() {
-        let d = half_at(blk, 0);
+#[inline]
+fn codes_32<const Q4: bool>(blk: &[u8]) -> (int8x16_t, int8x16_t) {
+    if Q4 {
         let v = load_u8(blk, 2);
-        let lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, m4)), eight);
-        let hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(v)), eight);
+        let eight = vdupq_n_s8(8);
+        (
+            vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0f))), eight),
+            vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(v)), eight),
+        )
+    } else {
+        (
+            vreinterpretq_s8_u8(load_u8(blk, 2)),
+            vreinterpretq_s8_u8(load_u8(blk, 18)),
+        )
+    }
+}
+
+/// Q8_0 or Q4_0 weights (blocks of an f16 scale and 32 codes) against 8-bit activation
+/// blocks; each row's blocks are scaled and summed in four float lanes, reduced once at the
+/// end.
+#[target_feature(enable = "neon")]
+fn q_32<const Q4: bool, const SDOT: bool, const M: usize>(
+    w: &[u8],
+    xs: [ActRow<'_>; M],
+) -> [f32; M] {
+    let bb = if Q4 { 18 } else { 34 };
+    let mut acc = [vdupq_n_f32(0.0); M];
+    for (b, blk) in w.chunks_exact(bb).enumerate() {
+        let d = half_at(blk, 0);
+        let codes = codes_32::<Q4>(blk);
         for r in 0..M {
-            let x = xs[r].q;
-            let s = dot::<SDOT>(
-                dot::<SDOT>(vdupq_n_s32(0), lo, load_i8(x, 32 * b)),
-                hi,
-                load_i8(x, 32 * b + 16),
-            );
+            let s = dot32::<SDOT>(codes, xs[r].q, 32 * b);
             acc[r] = vfmaq_n_f32(acc[r], vcvtq_f32_s32(s), d * xs[r].d[b]);
         }
     }
@@ -248,16 +244,8 @@ fn q4k<const SDOT: bool, const M: usize>(w: &[u8], xs: [ActRow<'_>; M]) -> [f32;
             for r in 0..M {
                 let x = xs[r].q;
                 let at = 256 * sb + 64 * c;
-                let p_lo = dot::<SDOT>(
-                    dot::<SDOT>(vdupq_n_s32(0), lo0, load_i8(x, at)),
-                    lo1,
-                    load_i8(x, at + 16),
-                );
-                let p_hi = dot::<SDOT>(
-                    dot::<SDOT>(vdupq_n_s32(0), hi0, load_i8(x, at + 32)),
-                    hi1,
-                    load_i8(x, at + 48),
-                );
+                let p_lo = dot32::<SDOT>((lo0, lo1), x, at);
+                let p_hi = dot32::<SDOT>((hi0, hi1), x, at + 32);
                 acc[r] = vmlaq_n_s32(vmlaq_n_s32(acc[r], p_lo, s_lo), p_hi, s_hi);
             }
         }
