@@ -45,3 +45,29 @@ pub fn keep_freed_memory() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
     }
 }
+
+/// An empty vector with room for `capacity` values whose memory the kernel is asked to back
+/// with transparent huge pages (2 MiB on x86-64) where it allows that (`madvise` mode, the
+/// default of many distributions, does only when asked). A decode step streams every weight,
+/// and with 4 KiB pages that is a page-table walk per 4 KiB, which on a virtual machine walks
+/// two levels of tables. Advice only: where the kernel declines, or elsewhere than Linux, the
+/// pages are ordinary ones. Only whole pages inside the buffer are advised, and before any of
+/// them is touched, so they are allocated huge on first write.
+pub fn huge_page_buffer<T>(capacity: usize) -> Vec<T> {
+    let v: Vec<T> = Vec::with_capacity(capacity);
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        let at = v.as_ptr() as usize;
+        let start = at.div_ceil(PAGE) * PAGE;
+        let end = (at + v.capacity() * std::mem::size_of::<T>()) / PAGE * PAGE;
+        if end >= start + (2 << 20) {
+            // SAFETY: the range is whole pages inside the vector's own allocation; the advice
+            // changes how the pages are backed, never their contents or the mapping's extent.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    v
+}

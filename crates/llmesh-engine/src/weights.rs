@@ -279,7 +279,7 @@ pub(crate) fn permute_rows(
     src_row: impl Fn(usize) -> usize,
 ) -> Vec<u8> {
     let rows = bytes.len() / row_bytes;
-    let mut out = Vec::with_capacity(bytes.len());
+    let mut out = crate::system::huge_page_buffer(bytes.len());
     for i in 0..rows {
         let s = src_row(i) * row_bytes;
         out.extend_from_slice(&bytes[s..s + row_bytes]);
@@ -331,7 +331,7 @@ impl TensorBytes<'_> {
             TensorBytes::Owned(v) => v,
             TensorBytes::Mapped(map, bytes) => {
                 let base = map.as_ptr() as usize;
-                let mut v = Vec::with_capacity(bytes.len());
+                let mut v = crate::system::huge_page_buffer(bytes.len());
                 for piece in bytes.chunks(PIECE) {
                     v.extend_from_slice(piece);
                     release_mapped(map, piece.as_ptr() as usize - base, piece.len());

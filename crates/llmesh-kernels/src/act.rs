@@ -90,6 +90,31 @@ pub(crate) struct ActRow<'a> {
     pub sums: &'a [i32],
 }
 
+impl<'a> ActRow<'a> {
+    /// Columns `cols` of this row (whole blocks of its kind).
+    pub(crate) fn cols(&self, cols: std::ops::Range<usize>) -> ActRow<'a> {
+        let part = |len: usize, block: usize| {
+            if len == 0 {
+                0..0
+            } else {
+                cols.start / block..cols.end / block
+            }
+        };
+        let dblock = if self.bsums.is_empty() { 32 } else { 256 };
+        ActRow {
+            f: &self.f[cols.clone()],
+            q: if self.q.is_empty() {
+                &[]
+            } else {
+                &self.q[cols.clone()]
+            },
+            d: &self.d[part(self.d.len(), dblock)],
+            bsums: &self.bsums[part(self.bsums.len(), 16)],
+            sums: &self.sums[part(self.sums.len(), 32)],
+        }
+    }
+}
+
 impl<'a> Acts<'a> {
     /// Quantises `x` (`m` rows of `k`) for weights of type `ty`, with SIMD if `simd`.
     pub(crate) fn new(ty: QType, x: &'a [f32], k: usize, simd: bool) -> Self {

@@ -243,6 +243,14 @@ fn products(
     Ok(())
 }
 
+/// Streams a decode step's product reads at once (see [`QMatrix::decode_groups`]).
+const DECODE_STREAMS: usize = 2;
+
+/// Bytes of each interleaved group read per turn of a decode step's streams (rounded down to
+/// whole block columns, at least one): short enough that both streams stay busy, long enough
+/// that a kernel call's setup is small beside it.
+const DECODE_CHUNK_BYTES: usize = 512;
+
 /// Rows per task of a product over `n` weight rows and `m` activation rows: enough tasks to
 /// balance uneven cores, each a whole number of 16-row panels (8-row groups for a mat-vec). A
 /// prompt's product is bound by arithmetic, so the thread that finishes first idles for up to a
@@ -475,6 +483,17 @@ impl QMatrix {
         let first = self.half_panels(acts, m, &rows, out);
         #[cfg(not(target_arch = "x86_64"))]
         let first = rows.start;
+        // A mat-vec's interleaved groups: two streams at once.
+        let first = if m == 1 && simd && first < self.grouped {
+            self.decode_groups(
+                acts.row(0),
+                first / 8..self.grouped.min(rows.end) / 8,
+                rows.start,
+                out,
+            )
+        } else {
+            first
+        };
         // Activation rows per pass: their 8-bit copies stay in the L2 cache while the thread's
         // weight rows stream past them.
         const MT: usize = 32;
@@ -618,10 +637,66 @@ impl QMatrix {
         }
     }
 
+    /// Interleaved groups `groups` against one activation row (a decode step's product), into
+    /// `out`, whose window starts at row `first_row`; returns the first row after them.
+    ///
+    /// The groups are read as [`DECODE_STREAMS`] streams far apart in memory (the first and the
+    /// second half of the range), a few hundred bytes of each in turn. A core keeps more reads
+    /// in flight for two streams than for one: on a 2-core Zen 3 VM a mat-vec read 8–12% more
+    /// bytes per second this way. Every group's columns are summed in the same chunks whichever
+    /// stream it is in, so a row's result does not depend on how rows were split into tasks.
+    fn decode_groups(
+        &self,
+        x: ActRow<'_>,
+        groups: std::ops::Range<usize>,
+        first_row: usize,
+        out: &mut Out<'_>,
+    ) -> usize {
+        let half = groups.len().div_ceil(DECODE_STREAMS);
+        let chunk =
+            self.ty.block_elems() * (DECODE_CHUNK_BYTES / (8 * self.ty.block_bytes())).max(1);
+        let chunks: Vec<(ActRow<'_>, std::ops::Range<usize>)> = (0..self.cols)
+            .step_by(chunk)
+            .map(|c0| {
+                let c1 = (c0 + chunk).min(self.cols);
+                (
+                    x.cols(c0..c1),
+                    8 * self.ty.row_bytes(c0)..8 * self.ty.row_bytes(c1),
+                )
+            })
+            .collect();
+        for t in 0..half {
+            let gs: Vec<usize> = (0..DECODE_STREAMS)
+                .map(|s| groups.start + t + s * half)
+                .filter(|g| *g < groups.end)
+                .collect();
+            let mut acc = [[0f32; 8]; DECODE_STREAMS];
+            for (xc, bytes) in &chunks {
+                for (a, &g) in acc.iter_mut().zip(&gs) {
+                    let [part] = self.group_slice_dots::<1>(&self.group(g)[bytes.clone()], [*xc]);
+                    for (a, p) in a.iter_mut().zip(part) {
+                        *a += p;
+                    }
+                }
+            }
+            for (a, &g) in acc.iter().zip(&gs) {
+                let at = 8 * g - first_row;
+                out.row(0)[at..at + 8].copy_from_slice(a);
+            }
+        }
+        8 * groups.end
+    }
+
     /// An interleaved group of eight rows against `M` activation rows (SIMD only).
     #[inline]
     fn group_dots<const M: usize>(&self, g: usize, xs: [ActRow<'_>; M]) -> [[f32; 8]; M] {
-        let group = self.group(g);
+        self.group_slice_dots(self.group(g), xs)
+    }
+
+    /// Block columns of an interleaved group (whole blocks of all eight rows) against the same
+    /// columns of `M` activation rows.
+    #[inline]
+    fn group_slice_dots<const M: usize>(&self, group: &[u8], xs: [ActRow<'_>; M]) -> [[f32; 8]; M] {
         #[cfg(target_arch = "x86_64")]
         {
             // SAFETY: groups exist only when x86::available() confirmed the CPU features;

@@ -189,6 +189,37 @@ fn a_large_matrix_on_many_threads_matches() {
 }
 
 #[test]
+fn a_decode_step_gives_the_same_bits_on_any_number_of_threads() {
+    // A mat-vec reads its groups of eight rows as two streams, in chunks of columns; how the
+    // rows fall into tasks and streams changes with the thread count, a row's result must not.
+    // 301 rows: 37 groups and 5 plain rows; 1,280 columns: chunks that do not divide it.
+    let mut rng = ChaCha8Rng::seed_from_u64(41);
+    for ty in QType::ALL {
+        let cols = 1280;
+        let w = random_matrix(ty, 301, cols, &mut rng);
+        let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let on = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut y = vec![f32::NAN; 301];
+            pool.install(|| w.matmul(&x, 1, &mut y)).unwrap();
+            y
+        };
+        let one = on(1);
+        for threads in [2, 3, 5] {
+            let y = on(threads);
+            let same = one.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{ty}: {threads} threads differ from one");
+        }
+    }
+    for ty in QType::ALL {
+        check(ty, 301, 1280, 1, 42);
+    }
+}
+
+#[test]
 fn bad_shapes_are_errors_not_panics() {
     let e = QMatrix::new(QType::Q4_0, 2, 48, vec![0; 36]).unwrap_err();
     assert!(matches!(e, KernelError::Blocks { block: 32, .. }), "{e}");
