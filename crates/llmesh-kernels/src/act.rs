@@ -90,8 +90,10 @@ pub(crate) struct ActRow<'a> {
     pub sums: &'a [i32],
 }
 
+#[cfg(target_arch = "x86_64")]
 impl<'a> ActRow<'a> {
     /// Columns `cols` of this row (whole blocks of its kind).
+    #[inline]
     pub(crate) fn cols(&self, cols: std::ops::Range<usize>) -> ActRow<'a> {
         let part = |len: usize, block: usize| {
             if len == 0 {

@@ -9,7 +9,8 @@
 //!   NEON; a portable path elsewhere).
 //! * Rows of `W` are split between the threads of rayon's global pool; for a prompt (`m > 1`)
 //!   each weight row is unpacked once for four activation rows at a time, and a thread's block
-//!   of weight rows is reused for a tile of activation rows while it is in cache.
+//!   of weight rows is reused for a tile of activation rows while it is in cache; for a decode
+//!   step (`m = 1`) each thread reads its rows as two streams at once.
 
 mod act;
 mod attention;
@@ -244,11 +245,13 @@ fn products(
 }
 
 /// Streams a decode step's product reads at once (see [`QMatrix::decode_groups`]).
+#[cfg(target_arch = "x86_64")]
 const DECODE_STREAMS: usize = 2;
 
 /// Bytes of each interleaved group read per turn of a decode step's streams (rounded down to
-/// whole block columns, at least one): short enough that both streams stay busy, long enough
-/// that a kernel call's setup is small beside it.
+/// whole block columns, at least one). Measured on Q4_0 and Q4_K: 256 bytes spends too much on
+/// each turn's setup, and 1,024 or more gains less from the second stream.
+#[cfg(target_arch = "x86_64")]
 const DECODE_CHUNK_BYTES: usize = 512;
 
 /// Rows per task of a product over `n` weight rows and `m` activation rows: enough tasks to
@@ -484,6 +487,7 @@ impl QMatrix {
         #[cfg(not(target_arch = "x86_64"))]
         let first = rows.start;
         // A mat-vec's interleaved groups: two streams at once.
+        #[cfg(target_arch = "x86_64")]
         let first = if m == 1 && simd && first < self.grouped {
             self.decode_groups(
                 acts.row(0),
@@ -642,9 +646,11 @@ impl QMatrix {
     ///
     /// The groups are read as [`DECODE_STREAMS`] streams far apart in memory (the first and the
     /// second half of the range), a few hundred bytes of each in turn. A core keeps more reads
-    /// in flight for two streams than for one: on a 2-core Zen 3 VM a mat-vec read 8–12% more
-    /// bytes per second this way. Every group's columns are summed in the same chunks whichever
-    /// stream it is in, so a row's result does not depend on how rows were split into tasks.
+    /// in flight for two streams than for one: on a 2-core Zen 3 VM a layer's mat-vecs read
+    /// 7–13% more bytes per second this way (Q4_K and Q4_0). Every group's columns are summed in
+    /// the same chunks whichever stream it is in, so a row's result does not depend on how rows
+    /// were split into tasks.
+    #[cfg(target_arch = "x86_64")]
     fn decode_groups(
         &self,
         x: ActRow<'_>,
@@ -655,31 +661,22 @@ impl QMatrix {
         let half = groups.len().div_ceil(DECODE_STREAMS);
         let chunk =
             self.ty.block_elems() * (DECODE_CHUNK_BYTES / (8 * self.ty.block_bytes())).max(1);
-        let chunks: Vec<(ActRow<'_>, std::ops::Range<usize>)> = (0..self.cols)
-            .step_by(chunk)
-            .map(|c0| {
-                let c1 = (c0 + chunk).min(self.cols);
-                (
-                    x.cols(c0..c1),
-                    8 * self.ty.row_bytes(c0)..8 * self.ty.row_bytes(c1),
-                )
-            })
-            .collect();
         for t in 0..half {
-            let gs: Vec<usize> = (0..DECODE_STREAMS)
-                .map(|s| groups.start + t + s * half)
-                .filter(|g| *g < groups.end)
-                .collect();
-            let mut acc = [[0f32; 8]; DECODE_STREAMS];
-            for (xc, bytes) in &chunks {
-                for (a, &g) in acc.iter_mut().zip(&gs) {
-                    let [part] = self.group_slice_dots::<1>(&self.group(g)[bytes.clone()], [*xc]);
-                    for (a, p) in a.iter_mut().zip(part) {
-                        *a += p;
-                    }
-                }
-            }
-            for (a, &g) in acc.iter().zip(&gs) {
+            // Group t of each stream; the last stream may have run out.
+            let gs: [usize; DECODE_STREAMS] = std::array::from_fn(|s| groups.start + t + s * half);
+            let live = gs.iter().take_while(|&&g| g < groups.end).count();
+            // SAFETY: groups exist only when x86::available() holds; each is whole block
+            // columns of this type, as long as the activation row.
+            let acc = unsafe {
+                x86::in_turn::<DECODE_STREAMS>(
+                    self.ty,
+                    gs.map(|g| self.group(g.min(groups.end - 1))),
+                    live,
+                    x,
+                    chunk,
+                )
+            };
+            for (a, &g) in acc.iter().zip(&gs[..live]) {
                 let at = 8 * g - first_row;
                 out.row(0)[at..at + 8].copy_from_slice(a);
             }
@@ -702,14 +699,14 @@ impl QMatrix {
             // SAFETY: groups exist only when x86::available() confirmed the CPU features;
             // the group and activation lengths match the matrix shape.
             unsafe {
-                match self.ty {
+                x86::lanes(match self.ty {
                     QType::Q4_0 => x86::q4_0x8::<M>(group, xs),
                     QType::Q4K => x86::q4kx8::<M>(group, xs),
                     QType::Q6K => x86::q6kx8::<M>(group, xs),
                     QType::F16 => x86::half8::<false, M>(group, xs),
                     QType::BF16 => x86::half8::<true, M>(group, xs),
                     _ => x86::q8_0x8::<M>(group, xs),
-                }
+                })
             }
         }
         #[cfg(not(target_arch = "x86_64"))]

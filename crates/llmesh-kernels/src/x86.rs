@@ -351,7 +351,8 @@ pub(crate) unsafe fn float<const M: usize>(kind: Float, w: &[u8], xs: [ActRow<'_
 /// Eight interleaved Q4_0 rows against `M` activation rows: lane `l` of result `r` is weight
 /// row `l` of the group times activation row `r`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn q4_0x8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f32; 8]; M] {
+#[inline]
+pub(crate) unsafe fn q4_0x8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [__m256; M] {
     let nb = g.len() / (8 * 18);
     let m4 = _mm256_set1_epi8(0x0f);
     let ones = _mm256_set1_epi16(1);
@@ -388,12 +389,13 @@ pub(crate) unsafe fn q4_0x8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[
             }
         }
     }
-    lanes(acc)
+    acc
 }
 
 /// Eight interleaved Q8_0 rows against `M` activation rows (as [`q4_0x8`]).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn q8_0x8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f32; 8]; M] {
+#[inline]
+pub(crate) unsafe fn q8_0x8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [__m256; M] {
     let nb = g.len() / (8 * 34);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); M];
@@ -428,12 +430,12 @@ pub(crate) unsafe fn q8_0x8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[
             }
         }
     }
-    lanes(acc)
+    acc
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-fn lanes<const M: usize>(acc: [__m256; M]) -> [[f32; 8]; M] {
+pub(crate) fn lanes<const M: usize>(acc: [__m256; M]) -> [[f32; 8]; M] {
     let mut out = [[0f32; 8]; M];
     for (o, a) in out.iter_mut().zip(acc) {
         // SAFETY: an unaligned store of 8 floats into an 8-float array.
@@ -465,7 +467,8 @@ fn spread_controls() -> [__m256i; 4] {
 
 /// Eight interleaved Q4_K rows against `M` activation rows (as [`q4_0x8`]).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn q4kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f32; 8]; M] {
+#[inline]
+pub(crate) unsafe fn q4kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [__m256; M] {
     let nsb = g.len() / 1152;
     let m4 = _mm256_set1_epi8(0x0f);
     let m3 = _mm256_set1_epi8(3);
@@ -545,7 +548,7 @@ pub(crate) unsafe fn q4kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f
             }
         }
     }
-    lanes(acc)
+    acc
 }
 
 /// Eight interleaved Q6_K rows against `M` activation rows (as [`q4_0x8`]; layout in
@@ -554,7 +557,8 @@ pub(crate) unsafe fn q4kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f
 /// X's low six bits, quarter 1 Y's, quarter 2 Z's low nibble under X's top two bits, quarter 3
 /// Z's high nibble under Y's top two bits.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn q6kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f32; 8]; M] {
+#[inline]
+pub(crate) unsafe fn q6kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [__m256; M] {
     let nsb = g.len() / 1680;
     let m4 = _mm256_set1_epi8(0x0f);
     let m63 = _mm256_set1_epi8(63);
@@ -639,7 +643,7 @@ pub(crate) unsafe fn q6kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f
             }
         }
     }
-    lanes(acc)
+    acc
 }
 
 /// Eight interleaved f16 or bf16 rows (element `k` of rows 0..8 side by side) against `M`
@@ -647,10 +651,11 @@ pub(crate) unsafe fn q6kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [[f
 /// results in the lanes as in [`q4_0x8`]. `M = 8` covers the multiply-add latency; `M = 1`
 /// (decode) splits the sum over four accumulators instead.
 #[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
 pub(crate) unsafe fn half8<const BF: bool, const M: usize>(
     g: &[u8],
     xs: [ActRow<'_>; M],
-) -> [[f32; 8]; M] {
+) -> [__m256; M] {
     let k = g.len() / 16;
     let kind = if BF { Float::BF16 } else { Float::F16 };
     // SAFETY: callers pass pointers with 16 readable bytes (one element of 8 rows).
@@ -684,8 +689,8 @@ pub(crate) unsafe fn half8<const BF: bool, const M: usize>(
             i += 1;
         }
         let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let mut out = [[0f32; 8]; M];
-        out[0] = lanes([sum])[0];
+        let mut out = [_mm256_setzero_ps(); M];
+        out[0] = sum;
         return out;
     }
     let mut acc = [_mm256_setzero_ps(); M];
@@ -698,7 +703,7 @@ pub(crate) unsafe fn half8<const BF: bool, const M: usize>(
             }
         }
     }
-    lanes(acc)
+    acc
 }
 
 /// Widens the same columns of two interleaved f16 or bf16 groups (`g0`, `g1`: 16 bytes per
@@ -828,4 +833,47 @@ pub(crate) unsafe fn abs_max(x: &[f32]) -> Option<f32> {
     let s = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
     Some(_mm_cvtss_f32(_mm_max_ss(s, _mm_shuffle_ps(s, s, 1))))
+}
+
+/// Groups `gs[..live]` of one interleaved type against one activation row (a decode step), in
+/// turn, `chunk` columns of each at a time (see `QMatrix::decode_groups`). The kernel is
+/// inlined into the loop and each group's sum stays in a register between chunks.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn in_turn<const S: usize>(
+    ty: crate::QType,
+    gs: [&[u8]; S],
+    live: usize,
+    x: ActRow<'_>,
+    chunk: usize,
+) -> [[f32; 8]; S] {
+    use crate::QType;
+    macro_rules! turns {
+        ($kernel:expr) => {{
+            let cols = x.f.len();
+            let mut acc = [_mm256_setzero_ps(); S];
+            let mut c0 = 0;
+            while c0 < cols {
+                let c1 = (c0 + chunk).min(cols);
+                let xc = x.cols(c0..c1);
+                let bytes = 8 * ty.row_bytes(c0)..8 * ty.row_bytes(c1);
+                for (a, g) in acc.iter_mut().zip(&gs[..live]) {
+                    // SAFETY: whole block columns of a group of this type, against the same
+                    // columns of the activation row.
+                    let [part] = unsafe { $kernel(&g[bytes.clone()], [xc]) };
+                    *a = _mm256_add_ps(*a, part);
+                }
+                c0 = c1;
+            }
+            lanes(acc)
+        }};
+    }
+    match ty {
+        QType::Q4_0 => turns!(q4_0x8::<1>),
+        QType::Q8_0 => turns!(q8_0x8::<1>),
+        QType::Q4K => turns!(q4kx8::<1>),
+        QType::Q6K => turns!(q6kx8::<1>),
+        QType::F16 => turns!(half8::<false, 1>),
+        QType::BF16 => turns!(half8::<true, 1>),
+        QType::F32 => unreachable!("f32 rows are not interleaved"),
+    }
 }

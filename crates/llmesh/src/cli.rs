@@ -229,8 +229,9 @@ pub enum DevCommand {
     Tokenize(TokenizeArgs),
     /// Load a range of a model's layers and report the memory it took, as JSON.
     Load(LoadArgs),
-    /// Measure this machine's memory read bandwidth (bytes per second, best of four passes
-    /// over 1 GiB); `llmesh bench` runs it next to each decode run.
+    /// Measure this machine's memory read bandwidth (bytes per second, best of six passes
+    /// over 1 GiB, each thread reading one stream or eight); `llmesh bench` runs it next to
+    /// each decode run.
     Bandwidth(BandwidthArgs),
 }
 
