@@ -90,9 +90,9 @@ pub(crate) struct ActRow<'a> {
     pub sums: &'a [i32],
 }
 
-#[cfg(target_arch = "x86_64")]
 impl<'a> ActRow<'a> {
-    /// Columns `cols` of this row (whole blocks of its kind).
+    /// Columns `cols` (whole blocks of its kind) of this row; of `Acts`' values taken as one
+    /// long row, columns `i * k..(i + 1) * k` are row `i`.
     #[inline]
     pub(crate) fn cols(&self, cols: std::ops::Range<usize>) -> ActRow<'a> {
         let part = |len: usize, block: usize| {
@@ -155,26 +155,14 @@ impl<'a> Acts<'a> {
     /// Row `i`.
     #[inline]
     pub(crate) fn row(&self, i: usize) -> ActRow<'_> {
-        let k = self.k;
-        let per = |len: usize, block: usize| {
-            if len == 0 {
-                0..0
-            } else {
-                i * k / block..(i + 1) * k / block
-            }
+        let all = ActRow {
+            f: self.f,
+            q: &self.q,
+            d: &self.d,
+            bsums: &self.bsums,
+            sums: &self.sums,
         };
-        let dblock = if self.bsums.is_empty() { 32 } else { 256 };
-        ActRow {
-            f: &self.f[i * k..(i + 1) * k],
-            q: if self.q.is_empty() {
-                &[]
-            } else {
-                &self.q[i * k..(i + 1) * k]
-            },
-            d: &self.d[per(self.d.len(), dblock)],
-            bsums: &self.bsums[per(self.bsums.len(), 16)],
-            sums: &self.sums[per(self.sums.len(), 32)],
-        }
+        all.cols(i * self.k..(i + 1) * self.k)
     }
 }
 
