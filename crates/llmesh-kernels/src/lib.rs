@@ -660,8 +660,7 @@ impl QMatrix {
         out: &mut Out<'_>,
     ) -> usize {
         let half = groups.len().div_ceil(DECODE_STREAMS);
-        let chunk =
-            self.ty.block_elems() * (DECODE_CHUNK_BYTES / (8 * self.ty.block_bytes())).max(1);
+        let chunk = (DECODE_CHUNK_BYTES / (8 * self.ty.block_bytes())).max(1);
         for t in 0..half {
             // Group t of each stream; the last stream may have run out.
             let gs: [usize; DECODE_STREAMS] = std::array::from_fn(|s| groups.start + t + s * half);
@@ -693,16 +692,7 @@ impl QMatrix {
         {
             // SAFETY: groups exist only when x86::available() confirmed the CPU features;
             // the group and activation lengths match the matrix shape.
-            unsafe {
-                x86::lanes(match self.ty {
-                    QType::Q4_0 => x86::q4_0x8::<M>(group, xs),
-                    QType::Q4K => x86::q4kx8::<M>(group, xs),
-                    QType::Q6K => x86::q6kx8::<M>(group, xs),
-                    QType::F16 => x86::half8::<false, M>(group, xs),
-                    QType::BF16 => x86::half8::<true, M>(group, xs),
-                    _ => x86::q8_0x8::<M>(group, xs),
-                })
-            }
+            unsafe { x86::group_dots(self.ty, group, xs) }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {

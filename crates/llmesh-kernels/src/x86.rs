@@ -10,6 +10,8 @@
 
 use std::arch::x86_64::*;
 
+use std::ops::Range;
+
 use crate::act::ActRow;
 
 /// How far ahead of the decode loop weights are prefetched, in bytes.
@@ -348,20 +350,26 @@ pub(crate) unsafe fn float<const M: usize>(kind: Float, w: &[u8], xs: [ActRow<'_
     out
 }
 
-/// Eight interleaved Q4_0 rows against `M` activation rows: lane `l` of result `r` is weight
-/// row `l` of the group times activation row `r`.
+/// Block columns `blocks` of eight interleaved Q4_0 rows (the group starts at `g`) against `M`
+/// activation rows, added into `acc`: lane `l` of `acc[r]` is weight row `l` of the group times
+/// activation row `r`.
+///
+/// The interleaved kernels share this form: the caller guarantees that the group holds the
+/// block columns `blocks` and that every activation row holds their values, scales and sums.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-pub(crate) unsafe fn q4_0x8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [__m256; M] {
-    let nb = g.len() / (8 * 18);
+pub(crate) unsafe fn q4_0x8<const M: usize>(
+    g: *const u8,
+    xs: &[ActRow<'_>; M],
+    blocks: Range<usize>,
+    acc: &mut [__m256; M],
+) {
     let m4 = _mm256_set1_epi8(0x0f);
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); M];
-    for b in 0..nb {
-        // SAFETY: block column `b` of the group lies within `g`; activation rows hold nb * 32
-        // values, nb scales and nb sums.
+    for b in blocks {
+        // SAFETY: the caller's guarantee (see above).
         unsafe {
-            let blk = g.as_ptr().add(b * 144);
+            let blk = g.add(b * 144);
             prefetch_ahead(blk, 144);
             let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
             let mut codes = [_mm256_setzero_si256(); 8];
@@ -389,20 +397,22 @@ pub(crate) unsafe fn q4_0x8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [_
             }
         }
     }
-    acc
 }
 
 /// Eight interleaved Q8_0 rows against `M` activation rows (as [`q4_0x8`]).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-pub(crate) unsafe fn q8_0x8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [__m256; M] {
-    let nb = g.len() / (8 * 34);
+pub(crate) unsafe fn q8_0x8<const M: usize>(
+    g: *const u8,
+    xs: &[ActRow<'_>; M],
+    blocks: Range<usize>,
+    acc: &mut [__m256; M],
+) {
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); M];
-    for b in 0..nb {
+    for b in blocks {
         // SAFETY: as in q4_0x8.
         unsafe {
-            let blk = g.as_ptr().add(b * 272);
+            let blk = g.add(b * 272);
             prefetch_ahead(blk, 272);
             let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
             let mut s = [_mm256_setzero_si256(); M];
@@ -430,7 +440,6 @@ pub(crate) unsafe fn q8_0x8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [_
             }
         }
     }
-    acc
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -468,18 +477,20 @@ fn spread_controls() -> [__m256i; 4] {
 /// Eight interleaved Q4_K rows against `M` activation rows (as [`q4_0x8`]).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-pub(crate) unsafe fn q4kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [__m256; M] {
-    let nsb = g.len() / 1152;
+pub(crate) unsafe fn q4kx8<const M: usize>(
+    g: *const u8,
+    xs: &[ActRow<'_>; M],
+    blocks: Range<usize>,
+    acc: &mut [__m256; M],
+) {
     let m4 = _mm256_set1_epi8(0x0f);
     let m3 = _mm256_set1_epi8(3);
     let m63 = _mm256_set1_epi8(63);
     let ctrl = spread_controls();
-    let mut acc = [_mm256_setzero_ps(); M];
-    for sb in 0..nsb {
-        // SAFETY: super-block column `sb` lies within `g`; activation rows hold nsb * 256
-        // values, nsb scales and nsb * 16 sums.
+    for sb in blocks {
+        // SAFETY: as in q4_0x8.
         unsafe {
-            let blk = g.as_ptr().add(sb * 1152);
+            let blk = g.add(sb * 1152);
             prefetch_ahead(blk, 1152);
             let d = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
             let dmin = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i));
@@ -548,7 +559,6 @@ pub(crate) unsafe fn q4kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [__
             }
         }
     }
-    acc
 }
 
 /// Eight interleaved Q6_K rows against `M` activation rows (as [`q4_0x8`]; layout in
@@ -558,8 +568,12 @@ pub(crate) unsafe fn q4kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [__
 /// Z's high nibble under Y's top two bits.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-pub(crate) unsafe fn q6kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [__m256; M] {
-    let nsb = g.len() / 1680;
+pub(crate) unsafe fn q6kx8<const M: usize>(
+    g: *const u8,
+    xs: &[ActRow<'_>; M],
+    blocks: Range<usize>,
+    acc: &mut [__m256; M],
+) {
     let m4 = _mm256_set1_epi8(0x0f);
     let m63 = _mm256_set1_epi8(63);
     let m30 = _mm256_set1_epi8(0x30);
@@ -568,12 +582,10 @@ pub(crate) unsafe fn q6kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [__
         0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15, 0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12,
         13, 6, 7, 14, 15,
     );
-    let mut acc = [_mm256_setzero_ps(); M];
-    for sb in 0..nsb {
-        // SAFETY: super-block column `sb` lies within `g`; activation rows hold nsb * 256
-        // values, nsb scales and nsb * 16 sums.
+    for sb in blocks {
+        // SAFETY: as in q4_0x8.
         unsafe {
-            let blk = g.as_ptr().add(sb * 1680);
+            let blk = g.add(sb * 1680);
             prefetch_ahead(blk, 1680);
             let d = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
             // Sub-scale j of the eight rows, each row's value twice in its 32-bit lane (the
@@ -643,7 +655,6 @@ pub(crate) unsafe fn q6kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [__
             }
         }
     }
-    acc
 }
 
 /// Eight interleaved f16 or bf16 rows (element `k` of rows 0..8 side by side) against `M`
@@ -653,57 +664,56 @@ pub(crate) unsafe fn q6kx8<const M: usize>(g: &[u8], xs: [ActRow<'_>; M]) -> [__
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 pub(crate) unsafe fn half8<const BF: bool, const M: usize>(
-    g: &[u8],
-    xs: [ActRow<'_>; M],
-) -> [__m256; M] {
-    let k = g.len() / 16;
+    g: *const u8,
+    xs: &[ActRow<'_>; M],
+    cols: Range<usize>,
+    acc: &mut [__m256; M],
+) {
     let kind = if BF { Float::BF16 } else { Float::F16 };
     // SAFETY: callers pass pointers with 16 readable bytes (one element of 8 rows).
     let load = |p: *const u8| unsafe { load8(kind, p) };
-    let gp = g.as_ptr();
     if M == 1 {
         let x = xs[0].f.as_ptr();
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let main = k / 4 * 4;
-        let mut i = 0;
-        while i < main {
+        let mut part = [_mm256_setzero_ps(); 4];
+        let mut i = cols.start;
+        while i + 4 <= cols.end {
             // SAFETY: prefetching is a hint; an address past the group is never dereferenced.
-            _mm_prefetch::<_MM_HINT_T0>(gp.wrapping_add(16 * i + PREFETCH) as *const i8);
-            for (u, a) in acc.iter_mut().enumerate() {
-                // SAFETY: i + u < k elements of the group and of the activation row.
+            _mm_prefetch::<_MM_HINT_T0>(g.wrapping_add(16 * i + PREFETCH) as *const i8);
+            for (u, a) in part.iter_mut().enumerate() {
+                // SAFETY: the caller's guarantee (see q4_0x8).
                 unsafe {
                     *a = _mm256_fmadd_ps(
                         _mm256_set1_ps(*x.add(i + u)),
-                        load(gp.add(16 * (i + u))),
+                        load(g.add(16 * (i + u))),
                         *a,
                     );
                 }
             }
             i += 4;
         }
-        while i < k {
+        while i < cols.end {
             // SAFETY: as above.
             unsafe {
-                acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(*x.add(i)), load(gp.add(16 * i)), acc[0]);
+                part[0] = _mm256_fmadd_ps(_mm256_set1_ps(*x.add(i)), load(g.add(16 * i)), part[0]);
             }
             i += 1;
         }
-        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let mut out = [_mm256_setzero_ps(); M];
-        out[0] = sum;
-        return out;
+        let sum = _mm256_add_ps(
+            _mm256_add_ps(part[0], part[1]),
+            _mm256_add_ps(part[2], part[3]),
+        );
+        acc[0] = _mm256_add_ps(acc[0], sum);
+        return;
     }
-    let mut acc = [_mm256_setzero_ps(); M];
-    for i in 0..k {
-        // SAFETY: i < k elements of the group and of every activation row.
+    for i in cols {
+        // SAFETY: the caller's guarantee (see q4_0x8).
         unsafe {
-            let w = load(gp.add(16 * i));
+            let w = load(g.add(16 * i));
             for r in 0..M {
                 acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(*xs[r].f.get_unchecked(i)), w, acc[r]);
             }
         }
     }
-    acc
 }
 
 /// Widens the same columns of two interleaved f16 or bf16 groups (`g0`, `g1`: 16 bytes per
@@ -835,9 +845,36 @@ pub(crate) unsafe fn abs_max(x: &[f32]) -> Option<f32> {
     Some(_mm_cvtss_f32(_mm_max_ss(s, _mm_shuffle_ps(s, s, 1))))
 }
 
+/// A whole interleaved group of eight rows of type `ty` against `M` activation rows (lanes as in
+/// [`q4_0x8`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn group_dots<const M: usize>(
+    ty: crate::QType,
+    g: &[u8],
+    xs: [ActRow<'_>; M],
+) -> [[f32; 8]; M] {
+    use crate::QType;
+    let (gp, cols) = (g.as_ptr(), 0..g.len() / (8 * ty.block_bytes()));
+    let mut acc = [_mm256_setzero_ps(); M];
+    // SAFETY: the caller passes a whole group and activation rows of its width.
+    unsafe {
+        match ty {
+            QType::Q4_0 => q4_0x8::<M>(gp, &xs, cols, &mut acc),
+            QType::Q8_0 => q8_0x8::<M>(gp, &xs, cols, &mut acc),
+            QType::Q4K => q4kx8::<M>(gp, &xs, cols, &mut acc),
+            QType::Q6K => q6kx8::<M>(gp, &xs, cols, &mut acc),
+            QType::F16 => half8::<false, M>(gp, &xs, cols, &mut acc),
+            QType::BF16 => half8::<true, M>(gp, &xs, cols, &mut acc),
+            QType::F32 => unreachable!("f32 rows are not interleaved"),
+        }
+    }
+    lanes(acc)
+}
+
 /// Groups `gs[..live]` of one interleaved type against one activation row (a decode step), in
-/// turn, `chunk` columns of each at a time (see `QMatrix::decode_groups`). The kernel is
-/// inlined into the loop and each group's sum stays in a register between chunks.
+/// turn, `chunk` block columns of each at a time (see `QMatrix::decode_groups`). The kernel is
+/// inlined into the loop and each group's sum stays in a register between turns.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn in_turn<const S: usize>(
     ty: crate::QType,
@@ -847,24 +884,23 @@ pub(crate) unsafe fn in_turn<const S: usize>(
     chunk: usize,
 ) -> [[f32; 8]; S] {
     use crate::QType;
+    let n = x.f.len() / ty.block_elems();
+    let xs = [x];
+    let mut acc = [[_mm256_setzero_ps(); 1]; S];
     macro_rules! turns {
         ($kernel:expr) => {{
-            let cols = x.f.len();
-            let mut acc = [_mm256_setzero_ps(); S];
-            let mut c0 = 0;
-            while c0 < cols {
-                let c1 = (c0 + chunk).min(cols);
-                let xc = x.cols(c0..c1);
-                let bytes = 8 * ty.row_bytes(c0)..8 * ty.row_bytes(c1);
-                for (a, g) in acc.iter_mut().zip(&gs[..live]) {
-                    // SAFETY: whole block columns of a group of this type, against the same
-                    // columns of the activation row.
-                    let [part] = unsafe { $kernel(&g[bytes.clone()], [xc]) };
-                    *a = _mm256_add_ps(*a, part);
+            let mut b0 = 0;
+            while b0 < n {
+                let b1 = (b0 + chunk).min(n);
+                for s in 0..S {
+                    if s < live {
+                        // SAFETY: each group holds `n` block columns of this type, as many as
+                        // the activation row.
+                        unsafe { $kernel(gs[s].as_ptr(), &xs, b0..b1, &mut acc[s]) };
+                    }
                 }
-                c0 = c1;
+                b0 = b1;
             }
-            lanes(acc)
         }};
     }
     match ty {
@@ -876,4 +912,5 @@ pub(crate) unsafe fn in_turn<const S: usize>(
         QType::BF16 => turns!(half8::<true, 1>),
         QType::F32 => unreachable!("f32 rows are not interleaved"),
     }
+    lanes(acc.map(|[a]| a))
 }
