@@ -37,7 +37,7 @@ pub(crate) struct Acts<'a> {
     pub d: Vec<f32>,
     /// Sums of each 16 quantised values (Q8K only).
     pub bsums: Vec<i16>,
-    /// Sums of each block's 32 quantised values (Q4_0 only).
+    /// Sums of each block's 32 quantised values (Q4_0 and Q8_0 on x86-64).
     pub sums: Vec<i32>,
     /// Half-precision prompts on SIMD: the rows in the tiles of [`pack_tiles`], each tile
     /// stored column by column (`k` runs of its rows' values) from its first row's offset
@@ -85,7 +85,7 @@ pub(crate) struct ActRow<'a> {
     pub q: &'a [i8],
     pub d: &'a [f32],
     pub bsums: &'a [i16],
-    /// Only the interleaved x86 Q4_0 kernel reads these.
+    /// Only the interleaved x86 Q4_0 and Q8_0 kernels read these.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub sums: &'a [i32],
 }
@@ -135,9 +135,9 @@ impl<'a> Acts<'a> {
             ActKind::Q8 => {
                 a.q = vec![0; x.len()];
                 a.d = vec![0.0; x.len() / 32];
-                // Only Q4_0's codes carry an offset, and only the interleaved x86 kernel
-                // takes it off with the block sums (the others subtract it from the codes).
-                if ty == QType::Q4_0 && cfg!(target_arch = "x86_64") {
+                // The interleaved x86 kernels take a code offset off with the block sums: Q4_0's
+                // 8 and, with AVX-512 VNNI, Q8_0's 128 (its codes made unsigned).
+                if cfg!(target_arch = "x86_64") {
                     a.sums = vec![0; x.len() / 32];
                 }
                 quantize_blocks(x, &mut a.q, &mut a.d, 32, Sums::Of32(&mut a.sums), simd);

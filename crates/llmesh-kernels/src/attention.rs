@@ -175,7 +175,7 @@ pub fn attend_causal<T: KvElem>(
         return attend_causal(backend, shape, q, t, total, window, &k, &v, scale, out);
     }
     let group = heads / shape.kv_heads;
-    let fused = backend == Backend::Auto && crate::simd_available() && fma_available();
+    let fused = backend != Backend::Portable && crate::simd_available() && fma_available();
     let work = |(c, o): (usize, &mut [f32])| {
         let (i, g) = (c / shape.kv_heads, c % shape.kv_heads);
         let end = total - t + i + 1;

@@ -21,6 +21,8 @@ mod neon;
 mod portable;
 mod repack;
 #[cfg(target_arch = "x86_64")]
+mod vnni;
+#[cfg(target_arch = "x86_64")]
 mod x86;
 
 use std::sync::OnceLock;
@@ -77,14 +79,50 @@ pub enum KernelError {
 pub enum Backend {
     /// The fastest this CPU supports.
     Auto,
+    /// The SIMD kernels that need no AVX-512: on x86-64 the AVX2/FMA/F16C kernels even where
+    /// AVX-512 VNNI ones would run (for comparison and tests); elsewhere the same as `Auto`.
+    Avx2,
     /// The portable scalar kernels (for comparison and tests).
     Portable,
+}
+
+/// The kernels a product runs, from a [`Backend`] and what this CPU has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    /// Scalar loops.
+    Portable,
+    /// AVX2/FMA/F16C on x86-64, NEON on AArch64.
+    Simd,
+    /// `Simd`, with AVX-512 VNNI kernels for the interleaved integer groups (x86-64).
+    Vnni,
+}
+
+impl Isa {
+    fn of(backend: Backend) -> Isa {
+        if backend == Backend::Portable || !simd_available() {
+            Isa::Portable
+        } else if backend == Backend::Auto && vnni_available() {
+            Isa::Vnni
+        } else {
+            Isa::Simd
+        }
+    }
+
+    fn simd(self) -> bool {
+        self != Isa::Portable
+    }
+}
+
+/// `LLMESH_KERNELS`: `portable` or `avx2` holds every product of this process to those kernels
+/// (to compare them in a whole model).
+fn kernels_env_is(v: &str) -> bool {
+    std::env::var("LLMESH_KERNELS").is_ok_and(|e| e == v)
 }
 
 fn simd_available() -> bool {
     static SIMD: OnceLock<bool> = OnceLock::new();
     *SIMD.get_or_init(|| {
-        if std::env::var("LLMESH_KERNELS").is_ok_and(|v| v == "portable") {
+        if kernels_env_is("portable") {
             return false;
         }
         #[cfg(target_arch = "x86_64")]
@@ -97,6 +135,21 @@ fn simd_available() -> bool {
             true
         }
         #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        {
+            false
+        }
+    })
+}
+
+/// Whether the AVX-512 VNNI kernels run here.
+fn vnni_available() -> bool {
+    static VNNI: OnceLock<bool> = OnceLock::new();
+    *VNNI.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            simd_available() && !kernels_env_is("avx2") && vnni::available()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
         {
             false
         }
@@ -212,7 +265,7 @@ fn products(
     if m == 0 {
         return Ok(());
     }
-    let simd = backend == Backend::Auto && simd_available();
+    let isa = Isa::of(backend);
     // One quantised copy of `x` per weight type (a layer's q, k and v usually share one).
     let mut acts: Vec<(QType, Acts<'_>)> = Vec::new();
     let act_of: Vec<usize> = ws
@@ -220,7 +273,7 @@ fn products(
         .map(|w| match acts.iter().position(|(ty, _)| *ty == w.ty) {
             Some(i) => i,
             None => {
-                acts.push((w.ty, Acts::new(w.ty, x, k, simd)));
+                acts.push((w.ty, Acts::new(w.ty, x, k, isa.simd())));
                 acts.len() - 1
             }
         })
@@ -239,7 +292,7 @@ fn products(
         // SAFETY: `ys[i]` holds m rows of w.rows values; this task writes only columns `rows`
         // of each, no two tasks of matrix i share a column, and `ys` outlives the loop.
         let mut out = unsafe { Out::new(ptrs[i], m, w.rows, rows.clone()) };
-        w.tile(simd, &acts[act_of[i]].1, m, rows, &mut out);
+        w.tile(isa, &acts[act_of[i]].1, m, rows, &mut out);
     });
     Ok(())
 }
@@ -475,7 +528,7 @@ impl QMatrix {
     /// `out` (`m × rows.len()`).
     fn tile(
         &self,
-        simd: bool,
+        isa: Isa,
         acts: &Acts<'_>,
         m: usize,
         rows: std::ops::Range<usize>,
@@ -488,8 +541,10 @@ impl QMatrix {
         let first = rows.start;
         // A mat-vec's interleaved groups: two streams at once.
         #[cfg(target_arch = "x86_64")]
+        let simd = isa.simd();
         let first = if m == 1 && simd && first < self.grouped {
             self.decode_groups(
+                isa,
                 acts.row(0),
                 first / 8..self.grouped.min(rows.end) / 8,
                 rows.start,
@@ -510,9 +565,9 @@ impl QMatrix {
                     // Float groups take 8 activation rows per tile (enough independent
                     // multiply-adds to hide their latency), integer groups 4.
                     if matches!(self.ty, QType::F32 | QType::F16 | QType::BF16) {
-                        self.group_tile::<8>(j / 8, acts, i0..i1, out, jj);
+                        self.group_tile::<8>(isa, j / 8, acts, i0..i1, out, jj);
                     } else {
-                        self.group_tile::<4>(j / 8, acts, i0..i1, out, jj);
+                        self.group_tile::<4>(isa, j / 8, acts, i0..i1, out, jj);
                     }
                     j += 8;
                     continue;
@@ -620,6 +675,7 @@ impl QMatrix {
     /// rest, into columns `at..at + 8` of `out`.
     fn group_tile<const T: usize>(
         &self,
+        isa: Isa,
         g: usize,
         acts: &Acts<'_>,
         is: std::ops::Range<usize>,
@@ -628,14 +684,14 @@ impl QMatrix {
     ) {
         let mut i = is.start;
         while i + T <= is.end {
-            let r = self.group_dots::<T>(g, std::array::from_fn(|a| acts.row(i + a)));
+            let r = self.group_dots::<T>(isa, g, std::array::from_fn(|a| acts.row(i + a)));
             for (d, lanes) in r.iter().enumerate() {
                 out.row(i + d)[at..at + 8].copy_from_slice(lanes);
             }
             i += T;
         }
         while i < is.end {
-            let [lanes] = self.group_dots::<1>(g, [acts.row(i)]);
+            let [lanes] = self.group_dots::<1>(isa, g, [acts.row(i)]);
             out.row(i)[at..at + 8].copy_from_slice(&lanes);
             i += 1;
         }
@@ -654,6 +710,7 @@ impl QMatrix {
     #[cfg(target_arch = "x86_64")]
     fn decode_groups(
         &self,
+        isa: Isa,
         x: ActRow<'_>,
         groups: std::ops::Range<usize>,
         first_row: usize,
@@ -667,14 +724,13 @@ impl QMatrix {
             let live = gs.iter().take_while(|&&g| g < groups.end).count();
             // SAFETY: groups exist only when x86::available() holds; each is whole block
             // columns of this type, as long as the activation row.
+            let gs_bytes = gs.map(|g| self.group(g.min(groups.end - 1)));
             let acc = unsafe {
-                x86::in_turn::<DECODE_STREAMS>(
-                    self.ty,
-                    gs.map(|g| self.group(g.min(groups.end - 1))),
-                    live,
-                    x,
-                    chunk,
-                )
+                if isa == Isa::Vnni {
+                    vnni::in_turn::<DECODE_STREAMS>(self.ty, gs_bytes, live, x, chunk)
+                } else {
+                    x86::in_turn::<DECODE_STREAMS>(self.ty, gs_bytes, live, x, chunk)
+                }
             };
             for (a, &g) in acc.iter().zip(&gs[..live]) {
                 let at = 8 * g - first_row;
@@ -686,17 +742,24 @@ impl QMatrix {
 
     /// An interleaved group of eight rows against `M` activation rows (SIMD only).
     #[inline]
-    fn group_dots<const M: usize>(&self, g: usize, xs: [ActRow<'_>; M]) -> [[f32; 8]; M] {
+    fn group_dots<const M: usize>(&self, isa: Isa, g: usize, xs: [ActRow<'_>; M]) -> [[f32; 8]; M] {
         let group = self.group(g);
         #[cfg(target_arch = "x86_64")]
         {
-            // SAFETY: groups exist only when x86::available() confirmed the CPU features;
-            // the group and activation lengths match the matrix shape.
-            unsafe { x86::group_dots(self.ty, group, xs) }
+            // SAFETY: groups exist only when x86::available() confirmed the CPU features, and
+            // Isa::Vnni only where vnni::available() did; the group and activation lengths
+            // match the matrix shape.
+            unsafe {
+                if isa == Isa::Vnni {
+                    vnni::group_dots(self.ty, group, xs)
+                } else {
+                    x86::group_dots(self.ty, group, xs)
+                }
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (group, xs);
+            let _ = (isa, group, xs);
             unreachable!("rows are interleaved only where a SIMD kernel reads them")
         }
     }

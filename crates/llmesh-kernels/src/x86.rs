@@ -15,13 +15,13 @@ use std::ops::Range;
 use crate::act::ActRow;
 
 /// How far ahead of the decode loop weights are prefetched, in bytes.
-const PREFETCH: usize = 2048;
+pub(crate) const PREFETCH: usize = 2048;
 
 /// Asks for the cache lines of `len` bytes at `p + PREFETCH` (a hint: an address past the
 /// weights is never dereferenced).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-fn prefetch_ahead(p: *const u8, len: usize) {
+pub(crate) fn prefetch_ahead(p: *const u8, len: usize) {
     let mut at = 0;
     while at < len {
         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + at) as *const i8);
@@ -457,7 +457,7 @@ pub(crate) fn lanes<const M: usize>(acc: [__m256; M]) -> [[f32; 8]; M] {
 /// lane) into both 16-bit halves of that row's 32-bit lane, zero-extended.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-fn spread_controls() -> [__m256i; 4] {
+pub(crate) fn spread_controls() -> [__m256i; 4] {
     let mut out = [_mm256_setzero_si256(); 4];
     for (j, o) in out.iter_mut().enumerate() {
         let mut c = [0x80u8 as i8; 32];
@@ -845,72 +845,85 @@ pub(crate) unsafe fn abs_max(x: &[f32]) -> Option<f32> {
     Some(_mm_cvtss_f32(_mm_max_ss(s, _mm_shuffle_ps(s, s, 1))))
 }
 
-/// A whole interleaved group of eight rows of type `ty` against `M` activation rows (lanes as in
-/// [`q4_0x8`]).
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-pub(crate) unsafe fn group_dots<const M: usize>(
-    ty: crate::QType,
-    g: &[u8],
-    xs: [ActRow<'_>; M],
-) -> [[f32; 8]; M] {
-    use crate::QType;
-    let (gp, cols) = (g.as_ptr(), 0..g.len() / (8 * ty.block_bytes()));
-    let mut acc = [_mm256_setzero_ps(); M];
-    // SAFETY: the caller passes a whole group and activation rows of its width.
-    unsafe {
-        match ty {
-            QType::Q4_0 => q4_0x8::<M>(gp, &xs, cols, &mut acc),
-            QType::Q8_0 => q8_0x8::<M>(gp, &xs, cols, &mut acc),
-            QType::Q4K => q4kx8::<M>(gp, &xs, cols, &mut acc),
-            QType::Q6K => q6kx8::<M>(gp, &xs, cols, &mut acc),
-            QType::F16 => half8::<false, M>(gp, &xs, cols, &mut acc),
-            QType::BF16 => half8::<true, M>(gp, &xs, cols, &mut acc),
-            QType::F32 => unreachable!("f32 rows are not interleaved"),
-        }
-    }
-    lanes(acc)
-}
-
-/// Groups `gs[..live]` of one interleaved type against one activation row (a decode step), in
-/// turn, `chunk` block columns of each at a time (see `QMatrix::decode_groups`). The kernel is
-/// inlined into the loop and each group's sum stays in a register between turns.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn in_turn<const S: usize>(
-    ty: crate::QType,
-    gs: [&[u8]; S],
-    live: usize,
-    x: ActRow<'_>,
-    chunk: usize,
-) -> [[f32; 8]; S] {
-    use crate::QType;
-    let n = x.f.len() / ty.block_elems();
-    let xs = [x];
-    let mut acc = [[_mm256_setzero_ps(); 1]; S];
-    macro_rules! turns {
-        ($kernel:expr) => {{
-            let mut b0 = 0;
-            while b0 < n {
-                let b1 = (b0 + chunk).min(n);
-                for s in 0..S {
-                    if s < live {
-                        // SAFETY: each group holds `n` block columns of this type, as many as
-                        // the activation row.
-                        unsafe { $kernel(gs[s].as_ptr(), &xs, b0..b1, &mut acc[s]) };
-                    }
+/// The two entry points to a set of interleaved kernels, compiled for `$features` (so the
+/// kernels are inlined into them): `group_dots`, a whole group of eight rows of one type against
+/// `M` activation rows (lanes as in [`q4_0x8`]), and `in_turn`, groups `gs[..live]` against
+/// one activation row (a decode step) in turn, `chunk` block columns of each at a time (see
+/// `QMatrix::decode_groups`), each group's sum kept in a register between turns. The integer
+/// kernels are the given ones; half-precision groups always take [`half8`].
+macro_rules! group_entry_points {
+    ($features:literal, $q4_0:ident, $q8_0:ident, $q4k:ident, $q6k:ident) => {
+        /// A whole interleaved group against `M` activation rows (see `group_entry_points`).
+        #[target_feature(enable = $features)]
+        #[inline]
+        pub(crate) unsafe fn group_dots<const M: usize>(
+            ty: crate::QType,
+            g: &[u8],
+            xs: [ActRow<'_>; M],
+        ) -> [[f32; 8]; M] {
+            use crate::QType;
+            use crate::x86::half8;
+            let (gp, cols) = (g.as_ptr(), 0..g.len() / (8 * ty.block_bytes()));
+            let mut acc = [_mm256_setzero_ps(); M];
+            // SAFETY: the caller passes a whole group and activation rows of its width.
+            unsafe {
+                match ty {
+                    QType::Q4_0 => $q4_0::<M>(gp, &xs, cols, &mut acc),
+                    QType::Q8_0 => $q8_0::<M>(gp, &xs, cols, &mut acc),
+                    QType::Q4K => $q4k::<M>(gp, &xs, cols, &mut acc),
+                    QType::Q6K => $q6k::<M>(gp, &xs, cols, &mut acc),
+                    QType::F16 => half8::<false, M>(gp, &xs, cols, &mut acc),
+                    QType::BF16 => half8::<true, M>(gp, &xs, cols, &mut acc),
+                    QType::F32 => unreachable!("f32 rows are not interleaved"),
                 }
-                b0 = b1;
             }
-        }};
-    }
-    match ty {
-        QType::Q4_0 => turns!(q4_0x8::<1>),
-        QType::Q8_0 => turns!(q8_0x8::<1>),
-        QType::Q4K => turns!(q4kx8::<1>),
-        QType::Q6K => turns!(q6kx8::<1>),
-        QType::F16 => turns!(half8::<false, 1>),
-        QType::BF16 => turns!(half8::<true, 1>),
-        QType::F32 => unreachable!("f32 rows are not interleaved"),
-    }
-    lanes(acc.map(|[a]| a))
+            crate::x86::lanes(acc)
+        }
+
+        /// Groups `gs[..live]` against one activation row, in turns (see
+        /// `group_entry_points`).
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn in_turn<const S: usize>(
+            ty: crate::QType,
+            gs: [&[u8]; S],
+            live: usize,
+            x: ActRow<'_>,
+            chunk: usize,
+        ) -> [[f32; 8]; S] {
+            use crate::QType;
+            use crate::x86::half8;
+            let n = x.f.len() / ty.block_elems();
+            let xs = [x];
+            let mut acc = [[_mm256_setzero_ps(); 1]; S];
+            macro_rules! turns {
+                ($kernel:expr) => {{
+                    let mut b0 = 0;
+                    while b0 < n {
+                        let b1 = (b0 + chunk).min(n);
+                        for s in 0..S {
+                            if s < live {
+                                // SAFETY: each group holds `n` block columns of this type, as
+                                // many as the activation row.
+                                unsafe { $kernel(gs[s].as_ptr(), &xs, b0..b1, &mut acc[s]) };
+                            }
+                        }
+                        b0 = b1;
+                    }
+                }};
+            }
+            match ty {
+                QType::Q4_0 => turns!($q4_0::<1>),
+                QType::Q8_0 => turns!($q8_0::<1>),
+                QType::Q4K => turns!($q4k::<1>),
+                QType::Q6K => turns!($q6k::<1>),
+                QType::F16 => turns!(half8::<false, 1>),
+                QType::BF16 => turns!(half8::<true, 1>),
+                QType::F32 => unreachable!("f32 rows are not interleaved"),
+            }
+            crate::x86::lanes(acc.map(|[a]| a))
+        }
+    };
 }
+pub(crate) use group_entry_points;
+
+group_entry_points!("avx2,fma,f16c", q4_0x8, q8_0x8, q4kx8, q6kx8);
