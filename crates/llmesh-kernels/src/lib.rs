@@ -14,14 +14,14 @@
 
 mod act;
 mod attention;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod elementwise;
 mod formats;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 mod portable;
 mod repack;
-#[cfg(target_arch = "x86_64")]
-mod vnni;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -93,16 +93,18 @@ enum Isa {
     Portable,
     /// AVX2/FMA/F16C on x86-64, NEON on AArch64.
     Simd,
-    /// `Simd`, with AVX-512 VNNI kernels for the interleaved integer groups (x86-64).
-    Vnni,
+    /// `Simd`, with AVX-512 VNNI kernels for the interleaved integer groups (x86-64). (A
+    /// 512-bit f16 decode kernel was slower than the AVX2 one on Zen 4: 39 against 51 GB/s per
+    /// core on cached weights.)
+    Avx512,
 }
 
 impl Isa {
     fn of(backend: Backend) -> Isa {
         if backend == Backend::Portable || !simd_available() {
             Isa::Portable
-        } else if backend == Backend::Auto && vnni_available() {
-            Isa::Vnni
+        } else if backend == Backend::Auto && avx512_available() {
+            Isa::Avx512
         } else {
             Isa::Simd
         }
@@ -142,12 +144,12 @@ fn simd_available() -> bool {
 }
 
 /// Whether the AVX-512 VNNI kernels run here.
-fn vnni_available() -> bool {
-    static VNNI: OnceLock<bool> = OnceLock::new();
-    *VNNI.get_or_init(|| {
+fn avx512_available() -> bool {
+    static AVX512: OnceLock<bool> = OnceLock::new();
+    *AVX512.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            simd_available() && !kernels_env_is("avx2") && vnni::available()
+            simd_available() && !kernels_env_is("avx2") && avx512::available()
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -726,8 +728,8 @@ impl QMatrix {
             // columns of this type, as long as the activation row.
             let gs_bytes = gs.map(|g| self.group(g.min(groups.end - 1)));
             let acc = unsafe {
-                if isa == Isa::Vnni {
-                    vnni::in_turn::<DECODE_STREAMS>(self.ty, gs_bytes, live, x, chunk)
+                if isa == Isa::Avx512 {
+                    avx512::in_turn::<DECODE_STREAMS>(self.ty, gs_bytes, live, x, chunk)
                 } else {
                     x86::in_turn::<DECODE_STREAMS>(self.ty, gs_bytes, live, x, chunk)
                 }
@@ -747,11 +749,11 @@ impl QMatrix {
         #[cfg(target_arch = "x86_64")]
         {
             // SAFETY: groups exist only when x86::available() confirmed the CPU features, and
-            // Isa::Vnni only where vnni::available() did; the group and activation lengths
+            // Isa::Avx512 only where avx512::available() did; the group and activation lengths
             // match the matrix shape.
             unsafe {
-                if isa == Isa::Vnni {
-                    vnni::group_dots(self.ty, group, xs)
+                if isa == Isa::Avx512 {
+                    avx512::group_dots(self.ty, group, xs)
                 } else {
                     x86::group_dots(self.ty, group, xs)
                 }
