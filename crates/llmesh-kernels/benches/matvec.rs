@@ -1,9 +1,10 @@
 //! Mat-vec (decode) and mat-mat (prompt) throughput per weight type, as effective GB/s of weight
-//! bytes read (mat-vec) and GFLOP/s (mat-mat).
+//! bytes read (mat-vec; for the integer types also on the AVX2 kernels, `…/avx2`, which on a CPU
+//! without AVX-512 VNNI are the same kernels) and multiply-adds per second (mat-mat).
 #![allow(clippy::unwrap_used)]
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use llmesh_kernels::QType;
+use llmesh_kernels::{Backend, QType};
 
 #[path = "../examples/support/mod.rs"]
 mod support;
@@ -25,6 +26,12 @@ fn matvec(c: &mut Criterion) {
         let mut y = vec![0f32; n];
         g.throughput(Throughput::Bytes(w.size_in_bytes() as u64));
         g.bench_function(ty.name(), |b| b.iter(|| w.matmul(&x, 1, &mut y).unwrap()));
+        // The AVX2 kernels too, where AVX-512 VNNI ones replace them (integer types).
+        if !matches!(ty, QType::F16 | QType::BF16) {
+            g.bench_function(format!("{}/avx2", ty.name()), |b| {
+                b.iter(|| w.matmul_with(Backend::Avx2, &x, 1, &mut y).unwrap())
+            });
+        }
     }
     g.finish();
 }

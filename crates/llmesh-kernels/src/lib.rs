@@ -541,9 +541,9 @@ impl QMatrix {
         let first = self.half_panels(acts, m, &rows, out);
         #[cfg(not(target_arch = "x86_64"))]
         let first = rows.start;
+        let simd = isa.simd();
         // A mat-vec's interleaved groups: two streams at once.
         #[cfg(target_arch = "x86_64")]
-        let simd = isa.simd();
         let first = if m == 1 && simd && first < self.grouped {
             self.decode_groups(
                 isa,
