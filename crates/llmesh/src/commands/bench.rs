@@ -172,6 +172,9 @@ fn single(args: &BenchArgs, model: &Path, threads: usize) -> Result<()> {
     let mut decode = Vec::new();
     let mut bandwidths = Vec::new();
     let mut fractions = Vec::new();
+    // Probed before the first decode run and after each one: a run's fraction is of the mean of
+    // the probes on either side of it (a shared machine's bandwidth drifts over seconds).
+    let mut probe_before = bandwidth_now(threads)?;
     for _ in 0..args.repeat {
         let mut runner = LocalRunner::new(&shard, &req)?;
         let t0 = Instant::now();
@@ -188,8 +191,9 @@ fn single(args: &BenchArgs, model: &Path, threads: usize) -> Result<()> {
         }
         let rate = (args.gen_tokens - 1) as f64 / t1.elapsed().as_secs_f64();
         decode.push(rate);
-        // The bandwidth right after this run, for this run's fraction of it.
-        let bw = bandwidth_now(threads)?;
+        let probe_after = bandwidth_now(threads)?;
+        let bw = (probe_before + probe_after) / 2.0;
+        probe_before = probe_after;
         bandwidths.push(bw);
         fractions.push(read_per_token * rate / bw);
     }
@@ -239,13 +243,14 @@ fn single(args: &BenchArgs, model: &Path, threads: usize) -> Result<()> {
             peak.unwrap_or(0) as f64 / 1048576.0
         );
         println!(
-            "bandwidth  {:8.1} GB/s measured (min {:.1}, max {:.1}; after each decode run)",
+            "bandwidth  {:8.1} GB/s measured (min {:.1}, max {:.1}; mean of the probes before \
+             and after each decode run)",
             bandwidth / 1e9,
             bw_lo / 1e9,
             bw_hi / 1e9
         );
         println!(
-            "decode     reads {:.1} GB/s of weights = {:.0}% of the bandwidth measured after \
+            "decode     reads {:.1} GB/s of weights = {:.0}% of the bandwidth measured around \
              it (min {:.0}%, max {:.0}%)",
             read_per_token * dc / 1e9,
             fraction * 100.0,
