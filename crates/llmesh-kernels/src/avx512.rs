@@ -24,6 +24,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use crate::act::ActRow;
+use crate::x86::{q4k_finish, q4k_header, q6k_codes};
 
 crate::x86::group_entry_points!(
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
@@ -163,34 +164,16 @@ pub(crate) unsafe fn q4kx8<const M: usize>(
 ) {
     let m4 = _mm256_set1_epi8(0x0f);
     let m4h = _mm256_set1_epi8(0xf0u8 as i8);
-    let m3 = _mm256_set1_epi8(3);
-    let m63 = _mm256_set1_epi8(63);
     let ctrl = byte_controls();
-    let pairs = crate::x86::spread_controls();
     let sixteenth = _mm256_set1_ps(1.0 / 16.0);
     for sb in blocks {
         // SAFETY: the caller's guarantee (see crate::x86::q4_0x8).
         unsafe {
             let blk = g.add(sb * 1152);
-            let d = _mm256_mul_ps(
-                _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i)),
-                sixteenth,
-            );
-            let dmin = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i));
-            let a = _mm256_loadu_si256(blk.add(32) as *const __m256i);
-            let b = _mm256_loadu_si256(blk.add(64) as *const __m256i);
-            let c = _mm256_loadu_si256(blk.add(96) as *const __m256i);
-            // The 6-bit scales and mins of sub-blocks 0..4 and 4..8, one byte per row and
-            // sub-block (see formats::q4k_scale_min).
-            let sc_lo = _mm256_and_si256(a, m63);
-            let mn_lo = _mm256_and_si256(b, m63);
-            let top =
-                |v: __m256i| _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 6), m3), 4);
-            let sc_hi = _mm256_or_si256(_mm256_and_si256(c, m4), top(a));
-            let mn_hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), m4), top(b));
+            let h = q4k_header(blk);
             // Sub-block j's scale of each row, in the row's 32-bit lane.
             let scale =
-                |j: usize| _mm256_shuffle_epi8(if j < 4 { sc_lo } else { sc_hi }, ctrl[j % 4]);
+                |j: usize| _mm256_shuffle_epi8(if j < 4 { h.sc_lo } else { h.sc_hi }, ctrl[j % 4]);
             let codes = blk.add(128);
             let mut isum = [_mm256_setzero_si256(); M];
             for ch in 0..4 {
@@ -220,23 +203,7 @@ pub(crate) unsafe fn q4kx8<const M: usize>(
                     isum[r] = _mm256_add_epi32(isum[r], p);
                 }
             }
-            // Each row's mins: a sub-block's min (twice in its lane) times the activations' two
-            // 16-value sums over that sub-block, one multiply-add.
-            let spread = |lo: __m256i, hi: __m256i, j: usize| {
-                _mm256_shuffle_epi8(if j < 4 { lo } else { hi }, pairs[j % 4])
-            };
-            for r in 0..M {
-                let bs = xs[r].bsums.as_ptr().add(16 * sb);
-                let mut msum = _mm256_setzero_si256();
-                for j in 0..8 {
-                    let pair = bcast4(bs.add(2 * j) as *const i8);
-                    msum = _mm256_add_epi32(msum, _mm256_madd_epi16(spread(mn_lo, mn_hi, j), pair));
-                }
-                let dx = _mm256_set1_ps(*xs[r].d.get_unchecked(sb));
-                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(isum[r]), acc[r]);
-                acc[r] =
-                    _mm256_fnmadd_ps(_mm256_mul_ps(dmin, dx), _mm256_cvtepi32_ps(msum), acc[r]);
-            }
+            q4k_finish(&h, _mm256_mul_ps(h.d, sixteenth), &isum, xs, sb, acc);
         }
     }
 }
@@ -252,9 +219,6 @@ pub(crate) unsafe fn q6kx8<const M: usize>(
     blocks: Range<usize>,
     acc: &mut [__m256; M],
 ) {
-    let m4 = _mm256_set1_epi8(0x0f);
-    let m63 = _mm256_set1_epi8(63);
-    let m30 = _mm256_set1_epi8(0x30);
     for sb in blocks {
         // SAFETY: the caller's guarantee (see crate::x86::q4_0x8).
         unsafe {
@@ -274,18 +238,7 @@ pub(crate) unsafe fn q6kx8<const M: usize>(
                     let mut cs = [[[_mm256_setzero_si256(); 4]; 2]; 2];
                     for (c, cs) in cs.iter_mut().enumerate() {
                         for (half, cs) in cs.iter_mut().enumerate() {
-                            let at = codes.add(96 * (8 * n + 2 * (2 * h + c) + half));
-                            let x = _mm256_loadu_si256(at as *const __m256i);
-                            let y = _mm256_loadu_si256(at.add(32) as *const __m256i);
-                            let z = _mm256_loadu_si256(at.add(64) as *const __m256i);
-                            let top = |v: __m256i| _mm256_and_si256(_mm256_srli_epi16(v, 2), m30);
-                            cs[0] = _mm256_and_si256(x, m63);
-                            cs[1] = _mm256_and_si256(y, m63);
-                            cs[2] = _mm256_or_si256(_mm256_and_si256(z, m4), top(x));
-                            cs[3] = _mm256_or_si256(
-                                _mm256_and_si256(_mm256_srli_epi16(z, 4), m4),
-                                top(y),
-                            );
+                            *cs = q6k_codes(codes.add(96 * (8 * n + 2 * (2 * h + c) + half)));
                         }
                     }
                     for q in 0..4 {

@@ -474,6 +474,99 @@ pub(crate) fn spread_controls() -> [__m256i; 4] {
     out
 }
 
+/// The header of an interleaved Q4_K super-block column: the eight rows' `d` and `dmin`, and
+/// the 6-bit scales and mins of sub-blocks 0..4 (`sc_lo`, `mn_lo`) and 4..8 (`sc_hi`, `mn_hi`),
+/// one byte per row and sub-block (see `formats::q4k_scale_min`).
+pub(crate) struct Q4kHeader {
+    pub d: __m256,
+    pub dmin: __m256,
+    pub sc_lo: __m256i,
+    pub sc_hi: __m256i,
+    pub mn_lo: __m256i,
+    pub mn_hi: __m256i,
+}
+
+/// Reads the header of the super-block column at `blk`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn q4k_header(blk: *const u8) -> Q4kHeader {
+    let m4 = _mm256_set1_epi8(0x0f);
+    let m3 = _mm256_set1_epi8(3);
+    let m63 = _mm256_set1_epi8(63);
+    // SAFETY: the caller guarantees a whole super-block column at `blk`.
+    unsafe {
+        let a = _mm256_loadu_si256(blk.add(32) as *const __m256i);
+        let b = _mm256_loadu_si256(blk.add(64) as *const __m256i);
+        let c = _mm256_loadu_si256(blk.add(96) as *const __m256i);
+        let top = |v: __m256i| _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 6), m3), 4);
+        Q4kHeader {
+            d: _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i)),
+            dmin: _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i)),
+            sc_lo: _mm256_and_si256(a, m63),
+            sc_hi: _mm256_or_si256(_mm256_and_si256(c, m4), top(a)),
+            mn_lo: _mm256_and_si256(b, m63),
+            mn_hi: _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), m4), top(b)),
+        }
+    }
+}
+
+/// Adds super-block column `sb`'s part to each row's `acc`: `d` (the rows' scales, as the
+/// caller's sums need them) × the activation scale × `isum`, less the mins' part: each row's
+/// sub-block min (twice in its lane, `spread`) times the activations' two 16-value sums over
+/// that sub-block, one multiply-add per sub-block, no scalar arithmetic.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn q4k_finish<const M: usize>(
+    h: &Q4kHeader,
+    d: __m256,
+    isum: &[__m256i; M],
+    xs: &[ActRow<'_>; M],
+    sb: usize,
+    acc: &mut [__m256; M],
+) {
+    let ctrl = spread_controls();
+    let spread = |j: usize| _mm256_shuffle_epi8(if j < 4 { h.mn_lo } else { h.mn_hi }, ctrl[j % 4]);
+    for r in 0..M {
+        // SAFETY: the caller guarantees activation rows of `sb + 1` super-blocks or more.
+        unsafe {
+            let bs = xs[r].bsums.as_ptr().add(16 * sb);
+            let mut msum = _mm256_setzero_si256();
+            for j in 0..8 {
+                let pair = _mm256_set1_epi32(std::ptr::read_unaligned(bs.add(2 * j) as *const i32));
+                msum = _mm256_add_epi32(msum, _mm256_madd_epi16(spread(j), pair));
+            }
+            let dx = _mm256_set1_ps(*xs[r].d.get_unchecked(sb));
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(isum[r]), acc[r]);
+            acc[r] = _mm256_fnmadd_ps(_mm256_mul_ps(h.dmin, dx), _mm256_cvtepi32_ps(msum), acc[r]);
+        }
+    }
+}
+
+/// The four code vectors of one run of four positions of an interleaved Q6_K group (the
+/// three vectors X, Y, Z at `at`; see [`q6kx8`]): quarter `q`'s 6-bit codes of the eight rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn q6k_codes(at: *const u8) -> [__m256i; 4] {
+    let m4 = _mm256_set1_epi8(0x0f);
+    let m63 = _mm256_set1_epi8(63);
+    let m30 = _mm256_set1_epi8(0x30);
+    // SAFETY: the caller guarantees 96 readable bytes at `at`.
+    let (x, y, z) = unsafe {
+        (
+            _mm256_loadu_si256(at as *const __m256i),
+            _mm256_loadu_si256(at.add(32) as *const __m256i),
+            _mm256_loadu_si256(at.add(64) as *const __m256i),
+        )
+    };
+    let top = |v: __m256i| _mm256_and_si256(_mm256_srli_epi16(v, 2), m30);
+    [
+        _mm256_and_si256(x, m63),
+        _mm256_and_si256(y, m63),
+        _mm256_or_si256(_mm256_and_si256(z, m4), top(x)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(z, 4), m4), top(y)),
+    ]
+}
+
 /// Eight interleaved Q4_K rows against `M` activation rows (as [`q4_0x8`]).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -484,28 +577,14 @@ pub(crate) unsafe fn q4kx8<const M: usize>(
     acc: &mut [__m256; M],
 ) {
     let m4 = _mm256_set1_epi8(0x0f);
-    let m3 = _mm256_set1_epi8(3);
-    let m63 = _mm256_set1_epi8(63);
     let ctrl = spread_controls();
     for sb in blocks {
         // SAFETY: as in q4_0x8.
         unsafe {
             let blk = g.add(sb * 1152);
             prefetch_ahead(blk, 1152);
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
-            let dmin = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i));
-            let a = _mm256_loadu_si256(blk.add(32) as *const __m256i);
-            let b = _mm256_loadu_si256(blk.add(64) as *const __m256i);
-            let c = _mm256_loadu_si256(blk.add(96) as *const __m256i);
-            // The 6-bit scales and mins of sub-blocks 0..4 and 4..8, one byte per row and
-            // sub-block (see formats::q4k_scale_min).
-            let sc_lo = _mm256_and_si256(a, m63);
-            let mn_lo = _mm256_and_si256(b, m63);
-            let top =
-                |v: __m256i| _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 6), m3), 4);
-            let sc_hi = _mm256_or_si256(_mm256_and_si256(c, m4), top(a));
-            let mn_hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), m4), top(b));
-            // Sub-block j's byte of each row, twice in the row's 32-bit lane.
+            let h = q4k_header(blk);
+            // Sub-block j's scale byte of each row, twice in the row's 32-bit lane.
             let spread = |lo: __m256i, hi: __m256i, j: usize| {
                 _mm256_shuffle_epi8(if j < 4 { lo } else { hi }, ctrl[j % 4])
             };
@@ -531,8 +610,8 @@ pub(crate) unsafe fn q4kx8<const M: usize>(
                     }
                 }
                 let (sc_a, sc_b) = (
-                    spread(sc_lo, sc_hi, 2 * ch),
-                    spread(sc_lo, sc_hi, 2 * ch + 1),
+                    spread(h.sc_lo, h.sc_hi, 2 * ch),
+                    spread(h.sc_lo, h.sc_hi, 2 * ch + 1),
                 );
                 for r in 0..M {
                     let p = _mm256_add_epi32(
@@ -542,21 +621,7 @@ pub(crate) unsafe fn q4kx8<const M: usize>(
                     isum[r] = _mm256_add_epi32(isum[r], p);
                 }
             }
-            // Each row's mins: a sub-block's min (twice in its lane) times the activations' two
-            // 16-value sums over that sub-block, one multiply-add, no scalar arithmetic.
-            for r in 0..M {
-                let bs = xs[r].bsums.as_ptr().add(16 * sb);
-                let mut msum = _mm256_setzero_si256();
-                for j in 0..8 {
-                    let pair =
-                        _mm256_set1_epi32(std::ptr::read_unaligned(bs.add(2 * j) as *const i32));
-                    msum = _mm256_add_epi32(msum, _mm256_madd_epi16(spread(mn_lo, mn_hi, j), pair));
-                }
-                let dx = _mm256_set1_ps(*xs[r].d.get_unchecked(sb));
-                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(isum[r]), acc[r]);
-                acc[r] =
-                    _mm256_fnmadd_ps(_mm256_mul_ps(dmin, dx), _mm256_cvtepi32_ps(msum), acc[r]);
-            }
+            q4k_finish(&h, h.d, &isum, xs, sb, acc);
         }
     }
 }
@@ -574,9 +639,6 @@ pub(crate) unsafe fn q6kx8<const M: usize>(
     blocks: Range<usize>,
     acc: &mut [__m256; M],
 ) {
-    let m4 = _mm256_set1_epi8(0x0f);
-    let m63 = _mm256_set1_epi8(63);
-    let m30 = _mm256_set1_epi8(0x30);
     // Zips the two 4 × i16 halves of each 128-bit lane: [a0..=a3, b0..=b3] → [a0, b0, a1, b1, ..].
     let zip = _mm256_setr_epi8(
         0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15, 0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12,
@@ -609,16 +671,7 @@ pub(crate) unsafe fn q6kx8<const M: usize>(
                     // Positions 8cp..8cp+8 of each quarter: two runs of four per row.
                     let mut cs = [[_mm256_setzero_si256(); 4]; 2];
                     for (h, cs) in cs.iter_mut().enumerate() {
-                        let at = codes.add(96 * (8 * n + 2 * cp + h));
-                        let x = _mm256_loadu_si256(at as *const __m256i);
-                        let y = _mm256_loadu_si256(at.add(32) as *const __m256i);
-                        let z = _mm256_loadu_si256(at.add(64) as *const __m256i);
-                        let top = |v: __m256i| _mm256_and_si256(_mm256_srli_epi16(v, 2), m30);
-                        cs[0] = _mm256_and_si256(x, m63);
-                        cs[1] = _mm256_and_si256(y, m63);
-                        cs[2] = _mm256_or_si256(_mm256_and_si256(z, m4), top(x));
-                        cs[3] =
-                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(z, 4), m4), top(y));
+                        *cs = q6k_codes(codes.add(96 * (8 * n + 2 * cp + h)));
                     }
                     for r in 0..M {
                         let x = xs[r].q.as_ptr().add(256 * sb + 128 * n + 8 * cp);
