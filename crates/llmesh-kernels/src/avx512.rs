@@ -14,9 +14,13 @@
 //!
 //! Layouts, arguments and results are those of the AVX2 kernels (see [`crate::x86::q4_0x8`]).
 //! Unlike them, these do not prefetch weights ahead: on a Zen 4 VM, decode of a Q4_K_M model ran
-//! at 31.5 tok/s with the AVX2 kernels' prefetching (a burst of requests per block column) and
-//! 44.7 without it (medians of 6 rounds alternating in one process); Q8_0 35.0 against 28.9,
-//! Q4_0 50.7 against 48.9. The hardware prefetcher keeps up on its own there.
+//! at 31.5 tok/s with these kernels issuing the AVX2 kernels' prefetches (a burst of requests
+//! per block column) and 44.7 without them (medians of 6 rounds alternating in one process);
+//! Q8_0 35.0 against 28.9, Q4_0 50.7 against 48.9. The hardware prefetcher keeps up on its own
+//! there.
+//!
+//! Half-precision groups keep the AVX2 kernel: a 512-bit f16 decode kernel (two columns of the
+//! eight rows per register) was slower on Zen 4, 39 against 51 GB/s per core on cached weights.
 
 #![allow(clippy::missing_safety_doc, clippy::needless_range_loop)]
 
@@ -86,8 +90,7 @@ pub(crate) unsafe fn q4_0x8<const M: usize>(
                     _mm256_add_epi32(lo[r], _mm256_srai_epi32::<4>(hi[r])),
                     _mm256_set1_epi32(8 * *xs[r].sums.get_unchecked(b)),
                 );
-                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*xs[r].d.get_unchecked(b)));
-                acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(i), acc[r]);
+                acc[r] = crate::x86::add_scaled(acc[r], dw, *xs[r].d.get_unchecked(b), i);
             }
         }
     }
@@ -124,8 +127,7 @@ pub(crate) unsafe fn q8_0x8<const M: usize>(
                     _mm256_add_epi32(s[r][0], s[r][1]),
                     _mm256_set1_epi32(128 * *xs[r].sums.get_unchecked(b)),
                 );
-                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*xs[r].d.get_unchecked(b)));
-                acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(i), acc[r]);
+                acc[r] = crate::x86::add_scaled(acc[r], dw, *xs[r].d.get_unchecked(b), i);
             }
         }
     }

@@ -93,9 +93,7 @@ enum Isa {
     Portable,
     /// AVX2/FMA/F16C on x86-64, NEON on AArch64.
     Simd,
-    /// `Simd`, with AVX-512 VNNI kernels for the interleaved integer groups (x86-64). (A
-    /// 512-bit f16 decode kernel was slower than the AVX2 one on Zen 4: 39 against 51 GB/s per
-    /// core on cached weights.)
+    /// `Simd`, with AVX-512 VNNI kernels for the interleaved integer groups (x86-64).
     Avx512,
 }
 
@@ -724,9 +722,10 @@ impl QMatrix {
             // Group t of each stream; the last stream may have run out.
             let gs: [usize; DECODE_STREAMS] = std::array::from_fn(|s| groups.start + t + s * half);
             let live = gs.iter().take_while(|&&g| g < groups.end).count();
-            // SAFETY: groups exist only when x86::available() holds; each is whole block
-            // columns of this type, as long as the activation row.
             let gs_bytes = gs.map(|g| self.group(g.min(groups.end - 1)));
+            // SAFETY: groups exist only when x86::available() holds, and Isa::Avx512 only where
+            // avx512::available() does; each group is whole block columns of this type, as long
+            // as the activation row.
             let acc = unsafe {
                 if isa == Isa::Avx512 {
                     avx512::in_turn::<DECODE_STREAMS>(self.ty, gs_bytes, live, x, chunk)

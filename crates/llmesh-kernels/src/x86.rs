@@ -15,13 +15,13 @@ use std::ops::Range;
 use crate::act::ActRow;
 
 /// How far ahead of the decode loop weights are prefetched, in bytes.
-pub(crate) const PREFETCH: usize = 2048;
+const PREFETCH: usize = 2048;
 
 /// Asks for the cache lines of `len` bytes at `p + PREFETCH` (a hint: an address past the
 /// weights is never dereferenced).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-pub(crate) fn prefetch_ahead(p: *const u8, len: usize) {
+fn prefetch_ahead(p: *const u8, len: usize) {
     let mut at = 0;
     while at < len {
         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + at) as *const i8);
@@ -392,8 +392,7 @@ pub(crate) unsafe fn q4_0x8<const M: usize>(
                     _mm256_madd_epi16(s, ones),
                     _mm256_set1_epi32(8 * *xs[r].sums.get_unchecked(b)),
                 );
-                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*xs[r].d.get_unchecked(b)));
-                acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(i), acc[r]);
+                acc[r] = add_scaled(acc[r], dw, *xs[r].d.get_unchecked(b), i);
             }
         }
     }
@@ -435,11 +434,22 @@ pub(crate) unsafe fn q8_0x8<const M: usize>(
                 }
             }
             for r in 0..M {
-                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*xs[r].d.get_unchecked(b)));
-                acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(s[r]), acc[r]);
+                acc[r] = add_scaled(acc[r], dw, *xs[r].d.get_unchecked(b), s[r]);
             }
         }
     }
+}
+
+/// `acc` plus a block's integer dot products of eight rows (`i`) times the rows' scales `dw`
+/// and the activation block's scale `dx`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) fn add_scaled(acc: __m256, dw: __m256, dx: f32, i: __m256i) -> __m256 {
+    _mm256_fmadd_ps(
+        _mm256_mul_ps(dw, _mm256_set1_ps(dx)),
+        _mm256_cvtepi32_ps(i),
+        acc,
+    )
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -457,7 +467,7 @@ pub(crate) fn lanes<const M: usize>(acc: [__m256; M]) -> [[f32; 8]; M] {
 /// lane) into both 16-bit halves of that row's 32-bit lane, zero-extended.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-pub(crate) fn spread_controls() -> [__m256i; 4] {
+fn spread_controls() -> [__m256i; 4] {
     let mut out = [_mm256_setzero_si256(); 4];
     for (j, o) in out.iter_mut().enumerate() {
         let mut c = [0x80u8 as i8; 32];
